@@ -1,0 +1,247 @@
+//! Command-line flags with environment fallbacks, validated once at start.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Served credentials keep at least this long before `Expiration` while STS answers: SDKs refresh
+/// 5–15 minutes before expiry and some refetch on every call inside that window.
+pub const MIN_SERVED_REMAINING: Duration = Duration::from_secs(30 * 60);
+
+/// Default upstream allow-list: what SDKs read for region and identity. Never the node's
+/// credentials, which are refused whatever this list says.
+pub const DEFAULT_UPSTREAM_ALLOW: &[&str] = &[
+    "meta-data/placement/*",
+    "meta-data/instance-id",
+    "meta-data/instance-type",
+    "meta-data/services/*",
+    "dynamic/instance-identity/document",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImdsV2 {
+    /// GETs without a session token are served (IMDSv1 and IMDSv2 clients both work).
+    Optional,
+    /// GETs without a session token get 401, as on an instance with `HttpTokens=required`.
+    Required,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "irsa-imds-agent", version, about = "Per-pod IRSA credentials for old AWS SDKs, served over IMDS")]
+pub struct Config {
+    /// Name of the node this agent serves; only pods scheduled here are ever identified.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Address the IMDS endpoint listens on (the redirect's target).
+    #[arg(long, env = "IRSA_IMDS_LISTEN", default_value = "0.0.0.0:8181")]
+    pub listen: SocketAddr,
+
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "IRSA_IMDS_OPS_LISTEN", default_value = "0.0.0.0:8182")]
+    pub ops_listen: SocketAddr,
+
+    /// The real instance metadata service, for allow-listed passthrough.
+    #[arg(long, env = "IRSA_IMDS_UPSTREAM", default_value = "http://169.254.169.254")]
+    pub upstream_imds: String,
+
+    /// Metadata paths (below /latest/) proxied upstream; `*` at the end matches a subtree.
+    /// Repeat the flag to replace the default list.
+    #[arg(long = "upstream-allow", env = "IRSA_IMDS_UPSTREAM_ALLOW", value_delimiter = ',',
+          default_values_t = DEFAULT_UPSTREAM_ALLOW.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    pub upstream_allow: Vec<String>,
+
+    /// ServiceAccount annotation that names the role.
+    #[arg(long, env = "IRSA_IMDS_ROLE_ANNOTATION", default_value = "eks.amazonaws.com/role-arn")]
+    pub role_annotation: String,
+
+    /// Whether GETs need an IMDSv2 session token.
+    #[arg(long, env = "IRSA_IMDS_V2", value_enum, default_value = "optional")]
+    pub imds_v2: ImdsV2,
+
+    /// Session duration asked of STS (the role's MaxSessionDuration must allow it).
+    #[arg(long, env = "IRSA_IMDS_CREDENTIAL_DURATION", value_parser = parse_duration, default_value = "1h")]
+    pub credential_duration: Duration,
+
+    /// Refresh cached credentials once they have this little left (must exceed 30m, the least ever served).
+    #[arg(long = "refresh-at", env = "IRSA_IMDS_REFRESH_AT", value_parser = parse_duration, default_value = "45m")]
+    pub refresh_at_remaining: Duration,
+
+    /// How long a request from a not-yet-known pod waits for its registration or watch event.
+    #[arg(long, env = "IRSA_IMDS_POD_WAIT", value_parser = parse_duration, default_value = "750ms")]
+    pub pod_wait: Duration,
+
+    /// How long a ServiceAccount's annotations are trusted before being read again: the bound on how
+    /// late a role change is seen.
+    #[arg(long, env = "IRSA_IMDS_SA_CACHE_TTL", value_parser = parse_duration, default_value = "60s")]
+    pub sa_cache_ttl: Duration,
+
+    /// Audience of the minted ServiceAccount token (the annotation eks.amazonaws.com/audience overrides).
+    #[arg(long, env = "IRSA_IMDS_AUDIENCE", default_value = "sts.amazonaws.com")]
+    pub audience: String,
+
+    /// Most STS/TokenRequest exchanges in flight at once.
+    #[arg(long, env = "IRSA_IMDS_MAX_CONCURRENT_FETCHES", default_value_t = 16)]
+    pub max_concurrent_fetches: usize,
+
+    /// Most new exchanges started per second (protects STS and the API server at mass pod start).
+    #[arg(long, env = "IRSA_IMDS_FETCH_RATE", default_value_t = 50)]
+    pub fetch_rate: u32,
+
+    /// Kubeconfig file; without it, the usual inference (KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Unix socket where the CNI hook registers pod IPs (root only).
+    #[arg(long, env = "IRSA_IMDS_CNI_SOCKET")]
+    pub cni_socket: Option<PathBuf>,
+
+    /// Install and keep the host-mode DNAT rule for 169.254.169.254:80.
+    #[arg(long, env = "IRSA_IMDS_IPTABLES")]
+    pub iptables: bool,
+
+    /// Pod-facing interfaces the rule matches (iptables -i pattern): `eni+` (EKS VPC CNI),
+    /// `cali+` (Calico), `lxc+` (Cilium), `veth+`.
+    #[arg(long, env = "IRSA_IMDS_HOST_INTERFACE", default_value = "eni+")]
+    pub host_interface: String,
+
+    /// Node IP the rule redirects to (with the --listen port).
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: Option<IpAddr>,
+
+    /// Also redirect [fd00:ec2::254]:80 with ip6tables, to this node IPv6 address.
+    #[arg(long, env = "HOST_IPV6")]
+    pub host_ipv6: Option<std::net::Ipv6Addr>,
+
+    /// How often the rule is checked and restored.
+    #[arg(long, env = "IRSA_IMDS_IPTABLES_RESYNC", value_parser = parse_duration, default_value = "60s")]
+    pub iptables_resync: Duration,
+
+    /// Log format.
+    #[arg(long, env = "IRSA_IMDS_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Checks what clap cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.node_name.trim().is_empty() {
+            return Err("--node-name (NODE_NAME) must not be empty".into());
+        }
+        let d = self.credential_duration.as_secs();
+        if !(900..=43_200).contains(&d) {
+            return Err(format!("--credential-duration must be between 15m and 12h (STS limits), got {d}s"));
+        }
+        if self.refresh_at_remaining <= MIN_SERVED_REMAINING {
+            return Err("--refresh-at must be more than 30m: served credentials keep at least 30 minutes".into());
+        }
+        if self.refresh_at_remaining >= self.credential_duration {
+            return Err("--refresh-at must be less than --credential-duration".into());
+        }
+        if self.pod_wait > Duration::from_millis(950) {
+            return Err("--pod-wait must stay under the SDKs' 1s metadata timeout (at most 950ms)".into());
+        }
+        if self.sa_cache_ttl.is_zero() {
+            return Err("--sa-cache-ttl must be positive".into());
+        }
+        if self.max_concurrent_fetches == 0 || self.fetch_rate == 0 {
+            return Err("--max-concurrent-fetches and --fetch-rate must be positive".into());
+        }
+        if !self.upstream_imds.starts_with("http://") {
+            return Err(format!("--upstream-imds must be an http:// URL, got {:?}", self.upstream_imds));
+        }
+        for p in &self.upstream_allow {
+            if p.is_empty() || p.starts_with('/') || p.contains("..") {
+                return Err(format!("--upstream-allow entry {p:?} must be a relative path below /latest/"));
+            }
+        }
+        if self.role_annotation.is_empty() {
+            return Err("--role-annotation must not be empty".into());
+        }
+        if self.iptables {
+            match self.host_ip {
+                Some(IpAddr::V4(_)) => {}
+                Some(IpAddr::V6(_)) => return Err("--host-ip must be an IPv4 address (use --host-ipv6 for IPv6)".into()),
+                None => return Err("--iptables needs --host-ip (HOST_IP), the node address to redirect to".into()),
+            }
+            if self.host_interface.is_empty()
+                || !self.host_interface.chars().all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c))
+            {
+                return Err(format!("--host-interface {:?} is not an interface name pattern", self.host_interface));
+            }
+            if self.iptables_resync.is_zero() {
+                return Err("--iptables-resync must be positive".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `90s`, `15m`, `1h`, `750ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 15m, 1h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<&'static str> {
+        vec!["irsa-imds-agent", "--node-name", "n1"]
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::try_parse_from(base()).expect("parse");
+        c.validate().expect("valid");
+        assert_eq!(c.listen.port(), 8181);
+        assert_eq!(c.upstream_allow.len(), DEFAULT_UPSTREAM_ALLOW.len());
+    }
+
+    #[test]
+    fn iptables_without_host_ip_names_the_flag() {
+        let mut a = base();
+        a.push("--iptables");
+        let c = Config::try_parse_from(a).expect("parse");
+        assert!(c.validate().unwrap_err().contains("--host-ip"));
+    }
+
+    #[test]
+    fn refresh_window_must_keep_thirty_minutes() {
+        let mut a = base();
+        a.extend(["--refresh-at", "20m"]);
+        let c = Config::try_parse_from(a).expect("parse");
+        assert!(c.validate().unwrap_err().contains("--refresh-at"));
+    }
+
+    #[test]
+    fn durations_parse_and_reject_garbage() {
+        assert_eq!(parse_duration("750ms"), Ok(Duration::from_millis(750)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert!(parse_duration("x1").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

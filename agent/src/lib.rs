@@ -1,0 +1,17 @@
+//! irsa-imds agent: per-pod IAM credentials over the EC2 instance metadata protocol.
+//!
+//! Where each concern lives:
+//! - [`config`]: flags, env fallbacks, validation.
+//! - [`imds`]: the IMDS wire protocol (routing, session tokens, response bodies); pure.
+//! - [`pods`]: who is calling: node-scoped pod index, CNI registrations, IP-reuse rules.
+//! - `identity`: role resolution, token minting, STS exchange, the credential cache.
+//! - `upstream`: allow-listed passthrough to the real IMDS.
+//! - `netfilter`: the host-mode redirect rule.
+//! - `telemetry`: logs, metrics, events.
+//! - `server`: the HTTP listeners and the process life cycle that ties the rest together.
+
+pub mod config;
+pub mod imds;
+pub mod pods;
+
+pub use config::Config;

@@ -1,0 +1,315 @@
+//! The CNI hook's registration socket.
+//!
+//! Unix stream socket, root only (mode 0600). One request per connection: one JSON object and a
+//! newline in, one JSON line out, then close. At most [`MAX_MESSAGE`] bytes, read within
+//! [`READ_TIMEOUT`]. Requests:
+//! `{"v":1,"op":"add","containerId":..,"namespace":..,"name":..,"ips":[..]}`,
+//! `{"v":1,"op":"del","containerId":..}`, `{"v":1,"op":"check","containerId":..,"ips":[..]}`.
+//! Answers: `{"v":1,"ok":true}` or `{"v":1,"ok":false,"error":".."}`.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{PodIndex, Registration};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const MAX_MESSAGE: u64 = 64 * 1024;
+/// The plugin runs inside the runtime's sandbox setup; a slow or stuck client must not hold a task.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_IPS: usize = 16;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    v: u32,
+    op: String,
+    #[serde(rename = "containerId")]
+    container_id: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    ips: Option<Vec<String>>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+struct Response {
+    v: u32,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// What a valid request asks the index to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Add(Registration),
+    Del { container_id: String },
+    Check { container_id: String, ips: Vec<IpAddr> },
+}
+
+impl Op {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Op::Add(_) => "add",
+            Op::Del { .. } => "del",
+            Op::Check { .. } => "check",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistrationError {
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("unsupported protocol version {0} (this agent speaks {PROTOCOL_VERSION})")]
+    Version(u32),
+    #[error("unknown op {0:?}")]
+    UnknownOp(String),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("sandbox {0} is not registered with these IPs")]
+    NotRegistered(String),
+}
+
+/// Parses and validates one request line. Pure, so hostile input is unit-tested.
+pub fn parse(line: &[u8]) -> Result<Op, RegistrationError> {
+    let req: Request = serde_json::from_slice(line).map_err(|e| RegistrationError::Malformed(e.to_string()))?;
+    if req.v != PROTOCOL_VERSION {
+        return Err(RegistrationError::Version(req.v));
+    }
+    check_container_id(&req.container_id)?;
+    match req.op.as_str() {
+        "add" => {
+            let namespace = req.namespace.unwrap_or_default();
+            let name = req.name.unwrap_or_default();
+            check_dns("namespace", &namespace, 63)?;
+            check_dns("name", &name, 253)?;
+            let ips = parse_ips(req.ips.unwrap_or_default())?;
+            if ips.is_empty() {
+                return Err(RegistrationError::Invalid { field: "ips", reason: "at least one IP is needed".into() });
+            }
+            Ok(Op::Add(Registration { container_id: req.container_id, namespace, name, ips }))
+        }
+        "del" => Ok(Op::Del { container_id: req.container_id }),
+        "check" => Ok(Op::Check { container_id: req.container_id, ips: parse_ips(req.ips.unwrap_or_default())? }),
+        other => Err(RegistrationError::UnknownOp(other.chars().take(32).collect())),
+    }
+}
+
+fn check_container_id(id: &str) -> Result<(), RegistrationError> {
+    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        return Err(RegistrationError::Invalid { field: "containerId", reason: "1-128 of [A-Za-z0-9._-]".into() });
+    }
+    Ok(())
+}
+
+fn check_dns(field: &'static str, s: &str, max: usize) -> Result<(), RegistrationError> {
+    let ok = !s.is_empty()
+        && s.len() <= max
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.']);
+    if ok { Ok(()) } else { Err(RegistrationError::Invalid { field, reason: format!("{s:?} is not a DNS name") }) }
+}
+
+fn parse_ips(raw: Vec<String>) -> Result<Vec<IpAddr>, RegistrationError> {
+    if raw.len() > MAX_IPS {
+        return Err(RegistrationError::Invalid { field: "ips", reason: format!("more than {MAX_IPS}") });
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    for s in raw {
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| RegistrationError::Invalid { field: "ips", reason: format!("{s:?} is not an IP address") })?;
+        let ip = ip.to_canonical();
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(RegistrationError::Invalid { field: "ips", reason: format!("{ip} cannot be a pod address") });
+        }
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
+/// Binds the socket, replacing a stale one from a previous run, readable by root only.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+/// Applies a valid op to the index. `on_add` hears new registrations (the agent confirms the
+/// pod with a direct read and prefetches its credentials).
+pub fn apply(index: &PodIndex, op: &Op) -> Result<(), RegistrationError> {
+    match op {
+        Op::Add(reg) => {
+            index.register(reg.clone());
+            Ok(())
+        }
+        Op::Del { container_id } => {
+            index.unregister(container_id);
+            Ok(())
+        }
+        Op::Check { container_id, ips } => {
+            if index.is_registered(container_id, ips) {
+                Ok(())
+            } else {
+                Err(RegistrationError::NotRegistered(container_id.clone()))
+            }
+        }
+    }
+}
+
+/// Serves registrations until `shutdown`; removes the socket file on the way out.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    index: Arc<PodIndex>,
+    on_op: Arc<dyn Fn(&Op, bool) + Send + Sync>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        match conn {
+            Ok((stream, _)) => {
+                let index = index.clone();
+                let on_op = on_op.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, &index, &*on_op).await {
+                        tracing::debug!(error = %e, "registration connection failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "registration socket accept failed");
+                // Out of file descriptors and the like: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn handle(stream: UnixStream, index: &PodIndex, on_op: &(dyn Fn(&Op, bool) + Send + Sync)) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = Vec::new();
+    let read = tokio::time::timeout(READ_TIMEOUT, BufReader::new(r.take(MAX_MESSAGE + 1)).read_until(b'\n', &mut line)).await;
+    let result = match read {
+        Err(_) => Err(RegistrationError::Malformed("timed out reading the request".into())),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(_)) if line.len() as u64 > MAX_MESSAGE => {
+            Err(RegistrationError::Malformed(format!("request larger than {MAX_MESSAGE} bytes")))
+        }
+        Ok(Ok(_)) => parse(line.strip_suffix(b"\n").unwrap_or(&line)).and_then(|op| {
+            let r = apply(index, &op);
+            on_op(&op, r.is_ok());
+            r.map(|_| op)
+        }),
+    };
+    let resp = match &result {
+        Ok(op) => {
+            tracing::debug!(op = op.metric_label(), "registration applied");
+            Response { v: PROTOCOL_VERSION, ok: true, error: None }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "registration refused");
+            Response { v: PROTOCOL_VERSION, ok: false, error: Some(e.to_string()) }
+        }
+    };
+    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
+    out.push(b'\n');
+    w.write_all(&out).await?;
+    w.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn add_parses_and_normalises_ips() {
+        let op = parse(br#"{"v":1,"op":"add","containerId":"abc123","namespace":"ns","name":"p-1","ips":["10.0.0.1","::ffff:10.0.0.2","10.0.0.1"]}"#).unwrap();
+        let Op::Add(r) = op else { panic!("not add") };
+        assert_eq!(r.ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap(), "10.0.0.2".parse().unwrap()]);
+    }
+
+    #[test]
+    fn hostile_requests_get_clear_errors() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "malformed"),
+            (b"{", "malformed"),
+            (b"[]", "malformed"),
+            (br#"{"v":2,"op":"add","containerId":"a"}"#, "unsupported protocol version 2"),
+            (br#"{"v":1,"op":"boom","containerId":"a"}"#, "unknown op"),
+            (br#"{"v":1,"op":"del","containerId":""}"#, "invalid containerId"),
+            (br#"{"v":1,"op":"del","containerId":"../../etc"}"#, "invalid containerId"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"NS","name":"p","ips":["10.0.0.1"]}"#, "invalid namespace"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":[]}"#, "invalid ips"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":["127.0.0.1"]}"#, "invalid ips"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":["999.1.1.1"]}"#, "invalid ips"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","ips":["10.0.0.1"]}"#, "invalid name"),
+            (br#"{"v":1,"op":"del","containerId":"a","extra":1}"#, "malformed"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(input));
+        }
+    }
+
+    #[tokio::test]
+    async fn socket_round_trip_registers_and_unregisters() {
+        let dir = std::env::temp_dir().join(format!("irsa-reg-{}", std::process::id()));
+        let path = dir.join("cni.sock");
+        let listener = bind(&path).unwrap();
+        let index = Arc::new(PodIndex::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(listener, path.clone(), index.clone(), Arc::new(|_: &Op, _| {}), stop.clone()));
+
+        async fn send(path: &Path, msg: &str) -> String {
+            let mut s = UnixStream::connect(path).await.unwrap();
+            s.write_all(msg.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        }
+        let add = r#"{"v":1,"op":"add","containerId":"c1","namespace":"ns","name":"p","ips":["10.1.0.5"]}"#;
+        assert_eq!(send(&path, &format!("{add}\n")).await, "{\"v\":1,\"ok\":true}\n");
+        assert_eq!(index.lookup("10.1.0.5".parse().unwrap()), super::super::Lookup::Pending);
+        let check = r#"{"v":1,"op":"check","containerId":"c1","ips":["10.1.0.5"]}"#;
+        assert!(send(&path, &format!("{check}\n")).await.contains("\"ok\":true"));
+        assert!(send(&path, "garbage\n").await.contains("\"ok\":false"));
+        let del = r#"{"v":1,"op":"del","containerId":"c1"}"#;
+        assert!(send(&path, &format!("{del}\n")).await.contains("\"ok\":true"));
+        assert!(send(&path, &format!("{del}\n")).await.contains("\"ok\":true"), "DEL is idempotent");
+        assert_eq!(index.lookup("10.1.0.5".parse().unwrap()), super::super::Lookup::Unknown);
+        let mode = std::fs::metadata(&path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap();
+        assert_eq!(mode & 0o777, 0o600);
+        stop.cancel();
+        task.await.unwrap();
+        assert!(!path.exists(), "socket removed on shutdown");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
