@@ -35,7 +35,11 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "irsa-imds-agent", version, about = "Per-pod IRSA credentials for old AWS SDKs, served over IMDS")]
+#[command(
+    name = "irsa-imds-agent",
+    version,
+    about = "Per-pod IRSA credentials for old AWS SDKs, served over IMDS"
+)]
 pub struct Config {
     /// Name of the node this agent serves; only pods scheduled here are ever identified.
     #[arg(long, env = "NODE_NAME")]
@@ -50,7 +54,11 @@ pub struct Config {
     pub ops_listen: SocketAddr,
 
     /// The real instance metadata service, for allow-listed passthrough.
-    #[arg(long, env = "IRSA_IMDS_UPSTREAM", default_value = "http://169.254.169.254")]
+    #[arg(
+        long,
+        env = "IRSA_IMDS_UPSTREAM",
+        default_value = "http://169.254.169.254"
+    )]
     pub upstream_imds: String,
 
     /// Metadata paths (below /latest/) proxied upstream; `*` at the end matches a subtree.
@@ -60,7 +68,11 @@ pub struct Config {
     pub upstream_allow: Vec<String>,
 
     /// ServiceAccount annotation that names the role.
-    #[arg(long, env = "IRSA_IMDS_ROLE_ANNOTATION", default_value = "eks.amazonaws.com/role-arn")]
+    #[arg(
+        long,
+        env = "IRSA_IMDS_ROLE_ANNOTATION",
+        default_value = "eks.amazonaws.com/role-arn"
+    )]
     pub role_annotation: String,
 
     /// Whether GETs need an IMDSv2 session token.
@@ -138,16 +150,23 @@ impl Config {
         }
         let d = self.credential_duration.as_secs();
         if !(900..=43_200).contains(&d) {
-            return Err(format!("--credential-duration must be between 15m and 12h (STS limits), got {d}s"));
+            return Err(format!(
+                "--credential-duration must be between 15m and 12h (STS limits), got {d}s"
+            ));
         }
         if self.refresh_at_remaining <= MIN_SERVED_REMAINING {
-            return Err("--refresh-at must be more than 30m: served credentials keep at least 30 minutes".into());
+            return Err(
+                "--refresh-at must be more than 30m: served credentials keep at least 30 minutes"
+                    .into(),
+            );
         }
         if self.refresh_at_remaining >= self.credential_duration {
             return Err("--refresh-at must be less than --credential-duration".into());
         }
         if self.pod_wait > Duration::from_millis(950) {
-            return Err("--pod-wait must stay under the SDKs' 1s metadata timeout (at most 950ms)".into());
+            return Err(
+                "--pod-wait must stay under the SDKs' 1s metadata timeout (at most 950ms)".into(),
+            );
         }
         if self.sa_cache_ttl.is_zero() {
             return Err("--sa-cache-ttl must be positive".into());
@@ -156,11 +175,16 @@ impl Config {
             return Err("--max-concurrent-fetches and --fetch-rate must be positive".into());
         }
         if !self.upstream_imds.starts_with("http://") {
-            return Err(format!("--upstream-imds must be an http:// URL, got {:?}", self.upstream_imds));
+            return Err(format!(
+                "--upstream-imds must be an http:// URL, got {:?}",
+                self.upstream_imds
+            ));
         }
         for p in &self.upstream_allow {
             if p.is_empty() || p.starts_with('/') || p.contains("..") {
-                return Err(format!("--upstream-allow entry {p:?} must be a relative path below /latest/"));
+                return Err(format!(
+                    "--upstream-allow entry {p:?} must be a relative path below /latest/"
+                ));
             }
         }
         if self.role_annotation.is_empty() {
@@ -169,13 +193,28 @@ impl Config {
         if self.iptables {
             match self.host_ip {
                 Some(IpAddr::V4(_)) => {}
-                Some(IpAddr::V6(_)) => return Err("--host-ip must be an IPv4 address (use --host-ipv6 for IPv6)".into()),
-                None => return Err("--iptables needs --host-ip (HOST_IP), the node address to redirect to".into()),
+                Some(IpAddr::V6(_)) => {
+                    return Err(
+                        "--host-ip must be an IPv4 address (use --host-ipv6 for IPv6)".into(),
+                    );
+                }
+                None => {
+                    return Err(
+                        "--iptables needs --host-ip (HOST_IP), the node address to redirect to"
+                            .into(),
+                    );
+                }
             }
             if self.host_interface.is_empty()
-                || !self.host_interface.chars().all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c))
+                || !self
+                    .host_interface
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c))
             {
-                return Err(format!("--host-interface {:?} is not an interface name pattern", self.host_interface));
+                return Err(format!(
+                    "--host-interface {:?} is not an interface name pattern",
+                    self.host_interface
+                ));
             }
             if self.iptables_resync.is_zero() {
                 return Err("--iptables-resync must be positive".into());
@@ -192,7 +231,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 15m, 1h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 15m, 1h"))?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),

@@ -1,1 +1,52 @@
-fn main() {}
+//! `irsa-imds-agent`: parse flags, install the TLS provider, run until SIGTERM/SIGINT.
+
+use clap::Parser;
+use irsa_imds_agent::{Config, Listeners, run, telemetry};
+
+/// Kubernetes shows this file's content as the container's termination message.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+#[tokio::main]
+async fn main() {
+    let cfg = Config::parse();
+    telemetry::init_logging(cfg.log_format);
+    if let Err(msg) = cfg.validate() {
+        fail(&format!("invalid configuration: {msg}"));
+    }
+    // kube and the AWS SDK both pull in rustls; exactly one process-wide provider must be chosen
+    // before the first TLS client is built.
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    let listeners = match Listeners::bind(&cfg).await {
+        Ok(l) => l,
+        Err(e) => fail(&e.to_string()),
+    };
+    if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
+        fail(&e.to_string());
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process can still be killed; serve on.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("irsa-imds-agent: {msg}");
+    let _ = std::fs::write(TERMINATION_LOG, msg);
+    std::process::exit(1);
+}

@@ -53,7 +53,11 @@ pub fn parse_ttl(value: &[u8]) -> Result<u64, TokenError> {
         return Err(TokenError::InvalidTtl);
     }
     let n: u64 = s.parse().map_err(|_| TokenError::InvalidTtl)?;
-    if (1..=MAX_TTL_SECS).contains(&n) { Ok(n) } else { Err(TokenError::InvalidTtl) }
+    if (1..=MAX_TTL_SECS).contains(&n) {
+        Ok(n)
+    } else {
+        Err(TokenError::InvalidTtl)
+    }
 }
 
 impl TokenAuthority {
@@ -72,9 +76,15 @@ impl TokenAuthority {
         let mut body = [0u8; BODY_LEN];
         body[0] = VERSION;
         body[1..9].copy_from_slice(&expiry.to_be_bytes());
-        self.rng.fill(&mut body[9..]).map_err(|_| TokenError::Random)?;
+        self.rng
+            .fill(&mut body[9..])
+            .map_err(|_| TokenError::Random)?;
         let tag = hmac::sign(&self.key, &mac_input(&body, pod_uid));
-        Ok(format!("{}.{}", URL_SAFE_NO_PAD.encode(body), URL_SAFE_NO_PAD.encode(tag.as_ref())))
+        Ok(format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(body),
+            URL_SAFE_NO_PAD.encode(tag.as_ref())
+        ))
     }
 
     /// Checks that `token` was issued to `pod_uid` and has not expired at `now`.
@@ -84,12 +94,17 @@ impl TokenAuthority {
         }
         let token = std::str::from_utf8(token).map_err(|_| TokenError::Malformed)?;
         let (b, t) = token.split_once('.').ok_or(TokenError::Malformed)?;
-        let body = URL_SAFE_NO_PAD.decode(b).map_err(|_| TokenError::Malformed)?;
-        let tag = URL_SAFE_NO_PAD.decode(t).map_err(|_| TokenError::Malformed)?;
+        let body = URL_SAFE_NO_PAD
+            .decode(b)
+            .map_err(|_| TokenError::Malformed)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(t)
+            .map_err(|_| TokenError::Malformed)?;
         if body.len() != BODY_LEN || body[0] != VERSION {
             return Err(TokenError::Malformed);
         }
-        hmac::verify(&self.key, &mac_input(&body, pod_uid), &tag).map_err(|_| TokenError::WrongCaller)?;
+        hmac::verify(&self.key, &mac_input(&body, pod_uid), &tag)
+            .map_err(|_| TokenError::WrongCaller)?;
         let mut exp = [0u8; 8];
         exp.copy_from_slice(&body[1..9]);
         if unix_secs(now) >= u64::from_be_bytes(exp) {
@@ -107,7 +122,9 @@ fn mac_input(body: &[u8], pod_uid: &str) -> Vec<u8> {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs()
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
 }
 
 #[cfg(test)]
@@ -123,28 +140,43 @@ mod tests {
         let a = TokenAuthority::new().unwrap();
         let tok = a.issue("uid-a", 60, t0()).unwrap();
         assert!(tok.len() <= MAX_TOKEN_LEN);
-        assert_eq!(a.verify(tok.as_bytes(), "uid-a", t0() + Duration::from_secs(59)), Ok(()));
+        assert_eq!(
+            a.verify(tok.as_bytes(), "uid-a", t0() + Duration::from_secs(59)),
+            Ok(())
+        );
     }
 
     #[test]
     fn token_for_other_pod_is_rejected() {
         let a = TokenAuthority::new().unwrap();
         let tok = a.issue("uid-a", 60, t0()).unwrap();
-        assert_eq!(a.verify(tok.as_bytes(), "uid-b", t0()), Err(TokenError::WrongCaller));
+        assert_eq!(
+            a.verify(tok.as_bytes(), "uid-b", t0()),
+            Err(TokenError::WrongCaller)
+        );
     }
 
     #[test]
     fn token_expires_at_ttl() {
         let a = TokenAuthority::new().unwrap();
         let tok = a.issue("uid-a", 60, t0()).unwrap();
-        assert_eq!(a.verify(tok.as_bytes(), "uid-a", t0() + Duration::from_secs(60)), Err(TokenError::Expired));
+        assert_eq!(
+            a.verify(tok.as_bytes(), "uid-a", t0() + Duration::from_secs(60)),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]
     fn token_from_another_agent_instance_is_rejected() {
-        let tok = TokenAuthority::new().unwrap().issue("uid-a", 60, t0()).unwrap();
+        let tok = TokenAuthority::new()
+            .unwrap()
+            .issue("uid-a", 60, t0())
+            .unwrap();
         let other = TokenAuthority::new().unwrap();
-        assert_eq!(other.verify(tok.as_bytes(), "uid-a", t0()), Err(TokenError::WrongCaller));
+        assert_eq!(
+            other.verify(tok.as_bytes(), "uid-a", t0()),
+            Err(TokenError::WrongCaller)
+        );
     }
 
     #[test]
@@ -155,14 +187,29 @@ mod tests {
         let mut body = URL_SAFE_NO_PAD.decode(b).unwrap();
         body[1..9].copy_from_slice(&u64::MAX.to_be_bytes());
         let forged = format!("{}.{}", URL_SAFE_NO_PAD.encode(body), t);
-        assert_eq!(a.verify(forged.as_bytes(), "uid-a", t0()), Err(TokenError::WrongCaller));
+        assert_eq!(
+            a.verify(forged.as_bytes(), "uid-a", t0()),
+            Err(TokenError::WrongCaller)
+        );
     }
 
     #[test]
     fn garbage_tokens_are_malformed() {
         let a = TokenAuthority::new().unwrap();
-        for bad in [&b""[..], b"abc", b"a.b", &[0xff; 10], &[b'a'; 4096], b"....", "é.é".as_bytes()] {
-            assert_eq!(a.verify(bad, "uid-a", t0()), Err(TokenError::Malformed), "{bad:?}");
+        for bad in [
+            &b""[..],
+            b"abc",
+            b"a.b",
+            &[0xff; 10],
+            &[b'a'; 4096],
+            b"....",
+            "é.é".as_bytes(),
+        ] {
+            assert_eq!(
+                a.verify(bad, "uid-a", t0()),
+                Err(TokenError::Malformed),
+                "{bad:?}"
+            );
         }
     }
 
@@ -170,7 +217,16 @@ mod tests {
     fn ttl_bounds_follow_ec2() {
         assert_eq!(parse_ttl(b"1"), Ok(1));
         assert_eq!(parse_ttl(b"21600"), Ok(21600));
-        for bad in [&b"0"[..], b"21601", b"-1", b"", b" 5", b"5.0", b"99999999999999999999", b"abc"] {
+        for bad in [
+            &b"0"[..],
+            b"21601",
+            b"-1",
+            b"",
+            b" 5",
+            b"5.0",
+            b"99999999999999999999",
+            b"abc",
+        ] {
             assert_eq!(parse_ttl(bad), Err(TokenError::InvalidTtl), "{bad:?}");
         }
     }

@@ -7,10 +7,15 @@ use serde::Serialize;
 
 /// `YYYY-MM-DDTHH:MM:SSZ`: no fractions (some SDKs' parsers reject them).
 pub fn timestamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let dt = time::OffsetDateTime::from_unix_timestamp(secs as i64).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let dt = time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
-    dt.format(&f).unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    dt.format(&f)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
 #[derive(Serialize)]
@@ -27,7 +32,13 @@ struct CredentialsBody<'a> {
 }
 
 /// The body of `iam/security-credentials/<role>` on success, field order as EC2's.
-pub fn credentials(access_key_id: &str, secret: &str, token: &str, expiration: SystemTime, updated: SystemTime) -> String {
+pub fn credentials(
+    access_key_id: &str,
+    secret: &str,
+    token: &str,
+    expiration: SystemTime,
+    updated: SystemTime,
+) -> String {
     pretty(&CredentialsBody {
         code: "Success",
         last_updated: timestamp(updated),
@@ -50,7 +61,11 @@ struct FailureBody<'a> {
 /// What EC2 answers when it cannot assume the instance profile's role: 200 with a failure code and
 /// no keys, so SDKs report "no credentials" instead of retrying forever.
 pub fn assume_role_failure(message: &str, updated: SystemTime) -> String {
-    pretty(&FailureBody { code: "AssumeRoleUnauthorizedAccess", message, last_updated: timestamp(updated) })
+    pretty(&FailureBody {
+        code: "AssumeRoleUnauthorizedAccess",
+        message,
+        last_updated: timestamp(updated),
+    })
 }
 
 #[derive(Serialize)]
@@ -67,7 +82,12 @@ pub fn info(role_arn: &str, updated: SystemTime) -> String {
     let (prefix, name) = role_arn.split_once(":role/").unwrap_or((role_arn, ""));
     let digest = ring::digest::digest(&ring::digest::SHA256, role_arn.as_bytes());
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let id: String = digest.as_ref().iter().take(17).map(|b| ALPHABET[(*b as usize) % 32] as char).collect();
+    let id: String = digest
+        .as_ref()
+        .iter()
+        .take(17)
+        .map(|b| ALPHABET[(*b as usize) % 32] as char)
+        .collect();
     pretty(&InfoBody {
         code: "Success",
         last_updated: timestamp(updated),
@@ -107,11 +127,25 @@ mod tests {
 
     #[test]
     fn credentials_have_exactly_the_ec2_fields() {
-        let body = credentials("ASIAX", "sec\"ret", "tok", t(1_795_003_600), t(1_795_000_000));
+        let body = credentials(
+            "ASIAX",
+            "sec\"ret",
+            "tok",
+            t(1_795_003_600),
+            t(1_795_000_000),
+        );
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let obj = v.as_object().unwrap();
         let keys: Vec<&str> = obj.keys().map(|k| k.as_str()).collect();
-        let mut expected = vec!["AccessKeyId", "Code", "Expiration", "LastUpdated", "SecretAccessKey", "Token", "Type"];
+        let mut expected = vec![
+            "AccessKeyId",
+            "Code",
+            "Expiration",
+            "LastUpdated",
+            "SecretAccessKey",
+            "Token",
+            "Type",
+        ];
         let mut got = keys.clone();
         got.sort();
         expected.sort();
@@ -120,20 +154,28 @@ mod tests {
         assert_eq!(v["Type"], "AWS-HMAC");
         assert_eq!(v["SecretAccessKey"], "sec\"ret");
         assert_eq!(v["Expiration"], "2026-11-18T12:06:40Z");
-        assert!(body.starts_with("{\n  \"Code\": \"Success\",\n  \"LastUpdated\""), "{body}");
+        assert!(
+            body.starts_with("{\n  \"Code\": \"Success\",\n  \"LastUpdated\""),
+            "{body}"
+        );
     }
 
     #[test]
     fn failure_carries_no_keys() {
-        let v: serde_json::Value = serde_json::from_str(&assume_role_failure("denied", t(0))).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&assume_role_failure("denied", t(0))).unwrap();
         assert_eq!(v["Code"], "AssumeRoleUnauthorizedAccess");
         assert!(v.get("AccessKeyId").is_none() && v.get("Token").is_none());
     }
 
     #[test]
     fn info_names_an_instance_profile_after_the_role() {
-        let v: serde_json::Value = serde_json::from_str(&info("arn:aws:iam::123456789012:role/team/app", t(0))).unwrap();
-        assert_eq!(v["InstanceProfileArn"], "arn:aws:iam::123456789012:instance-profile/team/app");
+        let v: serde_json::Value =
+            serde_json::from_str(&info("arn:aws:iam::123456789012:role/team/app", t(0))).unwrap();
+        assert_eq!(
+            v["InstanceProfileArn"],
+            "arn:aws:iam::123456789012:instance-profile/team/app"
+        );
         let id = v["InstanceProfileId"].as_str().unwrap();
         assert!(id.starts_with("AIPA") && id.len() == 21, "{id}");
     }

@@ -39,7 +39,13 @@ impl PodInfo {
         let status = pod.status.as_ref();
         let mut ips: Vec<IpAddr> = Vec::new();
         if let Some(st) = status {
-            for s in st.pod_ips.iter().flatten().map(|p| p.ip.as_str()).chain(st.pod_ip.as_deref()) {
+            for s in st
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|p| p.ip.as_str())
+                .chain(st.pod_ip.as_deref())
+            {
                 if let Ok(ip) = s.parse::<IpAddr>()
                     && !ips.contains(&ip)
                 {
@@ -53,7 +59,11 @@ impl PodInfo {
             namespace: md.namespace.clone().filter(|s| !s.is_empty())?,
             name: md.name.clone().filter(|s| !s.is_empty())?,
             service_account: spec
-                .and_then(|s| s.service_account_name.clone().or_else(|| s.service_account.clone()))
+                .and_then(|s| {
+                    s.service_account_name
+                        .clone()
+                        .or_else(|| s.service_account.clone())
+                })
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".to_string()),
             node_name: spec.and_then(|s| s.node_name.clone()),
@@ -93,7 +103,10 @@ impl Lookup {
         }
     }
     fn decisive(&self) -> bool {
-        matches!(self, Lookup::Found(_) | Lookup::Ambiguous | Lookup::HostNetwork)
+        matches!(
+            self,
+            Lookup::Found(_) | Lookup::Ambiguous | Lookup::HostNetwork
+        )
     }
 }
 
@@ -133,7 +146,8 @@ impl State {
         for ip in &p.ips {
             self.by_ip.entry(*ip).or_default().push(p.uid.clone());
         }
-        self.by_name.insert((p.namespace.clone(), p.name.clone()), p.uid.clone());
+        self.by_name
+            .insert((p.namespace.clone(), p.name.clone()), p.uid.clone());
     }
 
     fn unindex_pod(&mut self, p: &PodInfo) {
@@ -160,11 +174,16 @@ impl State {
 
     fn lookup(&self, ip: IpAddr) -> Lookup {
         let uids = self.by_ip.get(&ip).map(Vec::as_slice).unwrap_or(&[]);
-        if uids.iter().filter_map(|u| self.pods.get(u)).any(|p| p.host_network && !p.terminal) {
+        if uids
+            .iter()
+            .filter_map(|u| self.pods.get(u))
+            .any(|p| p.host_network && !p.terminal)
+        {
             return Lookup::HostNetwork;
         }
         if let Some(cids) = self.reg_by_ip.get(&ip) {
-            let mut owners: Vec<&(Registration, Option<Arc<PodInfo>>)> = cids.iter().filter_map(|c| self.regs.get(c)).collect();
+            let mut owners: Vec<&(Registration, Option<Arc<PodInfo>>)> =
+                cids.iter().filter_map(|c| self.regs.get(c)).collect();
             owners.dedup_by(|a, b| a.0.namespace == b.0.namespace && a.0.name == b.0.name);
             if owners.len() > 1 {
                 return Lookup::Ambiguous;
@@ -189,7 +208,9 @@ impl State {
             .iter()
             .filter_map(|u| self.pods.get(u))
             .filter(|p| p.live())
-            .filter(|p| !revoked.is_some_and(|r| r.contains(&(p.namespace.clone(), p.name.clone()))));
+            .filter(|p| {
+                !revoked.is_some_and(|r| r.contains(&(p.namespace.clone(), p.name.clone())))
+            });
         match (live.next(), live.next()) {
             (Some(p), None) => Lookup::Found(p.clone()),
             (Some(_), Some(_)) => Lookup::Ambiguous,
@@ -222,7 +243,10 @@ impl Default for PodIndex {
 
 impl PodIndex {
     pub fn new() -> Self {
-        PodIndex { state: Mutex::new(State::default()), changed: tokio::sync::watch::channel(0).0 }
+        PodIndex {
+            state: Mutex::new(State::default()),
+            changed: tokio::sync::watch::channel(0).0,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -248,7 +272,9 @@ impl PodIndex {
             st.index_pod(&info);
             let was_live = old.as_ref().is_some_and(|o| o.live() && !o.ips.is_empty());
             let is_live = info.live() && !info.ips.is_empty();
-            let sa_changed = old.as_ref().is_some_and(|o| o.service_account != info.service_account);
+            let sa_changed = old
+                .as_ref()
+                .is_some_and(|o| o.service_account != info.service_account);
             if is_live && (!was_live || sa_changed) {
                 changes.push(Change::Live(info.clone()));
             }
@@ -276,7 +302,13 @@ impl PodIndex {
     /// Replaces the watch's view after a (re)list; returns what appeared and what vanished.
     pub fn replace_all(&self, pods: Vec<PodInfo>) -> Vec<Change> {
         let fresh: HashSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
-        let gone: Vec<String> = self.lock().pods.keys().filter(|u| !fresh.contains(*u)).cloned().collect();
+        let gone: Vec<String> = self
+            .lock()
+            .pods
+            .keys()
+            .filter(|u| !fresh.contains(*u))
+            .cloned()
+            .collect();
         let mut changes = Vec::new();
         for uid in gone {
             if let Some(p) = self.remove(&uid) {
@@ -309,7 +341,10 @@ impl PodIndex {
                 unindex_reg(&mut st, &old);
             }
             for ip in &reg.ips {
-                st.reg_by_ip.entry(*ip).or_default().push(reg.container_id.clone());
+                st.reg_by_ip
+                    .entry(*ip)
+                    .or_default()
+                    .push(reg.container_id.clone());
             }
             st.regs.insert(reg.container_id.clone(), (reg, None));
         }
@@ -339,7 +374,10 @@ impl PodIndex {
             let (reg, _) = st.regs.remove(container_id)?;
             unindex_reg(&mut st, &reg);
             for ip in &reg.ips {
-                st.revoked.entry(*ip).or_default().insert((reg.namespace.clone(), reg.name.clone()));
+                st.revoked
+                    .entry(*ip)
+                    .or_default()
+                    .insert((reg.namespace.clone(), reg.name.clone()));
             }
             Some(reg)
         };
@@ -531,8 +569,14 @@ mod tests {
         let idx = PodIndex::new();
         idx.upsert(pod("u1", "a", "sa", &["10.0.0.1"]));
         let ch = idx.replace_all(vec![pod("u2", "b", "sa", &["10.0.0.2"])]);
-        assert!(ch.iter().any(|c| matches!(c, Change::Gone(p) if p.uid == "u1")));
-        assert!(ch.iter().any(|c| matches!(c, Change::Live(p) if p.uid == "u2")));
+        assert!(
+            ch.iter()
+                .any(|c| matches!(c, Change::Gone(p) if p.uid == "u1"))
+        );
+        assert!(
+            ch.iter()
+                .any(|c| matches!(c, Change::Live(p) if p.uid == "u2"))
+        );
         assert!(idx.is_synced());
         assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
     }
@@ -541,7 +585,10 @@ mod tests {
     async fn unknown_caller_waits_for_the_watch_event() {
         let idx = Arc::new(PodIndex::new());
         let i2 = idx.clone();
-        let h = tokio::spawn(async move { i2.resolve(ip("10.0.0.1"), Duration::from_millis(500)).await });
+        let h =
+            tokio::spawn(
+                async move { i2.resolve(ip("10.0.0.1"), Duration::from_millis(500)).await },
+            );
         tokio::task::yield_now().await;
         idx.upsert(pod("u1", "a", "sa", &["10.0.0.1"]));
         assert!(matches!(h.await.unwrap(), Lookup::Found(p) if p.uid == "u1"));
@@ -551,7 +598,11 @@ mod tests {
     async fn unknown_caller_gives_up_at_the_deadline() {
         let idx = PodIndex::new();
         let t0 = tokio::time::Instant::now();
-        assert_eq!(idx.resolve(ip("10.0.0.1"), Duration::from_millis(300)).await, Lookup::Unknown);
+        assert_eq!(
+            idx.resolve(ip("10.0.0.1"), Duration::from_millis(300))
+                .await,
+            Lookup::Unknown
+        );
         assert_eq!(t0.elapsed(), Duration::from_millis(300));
     }
 }

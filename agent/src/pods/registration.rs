@@ -52,8 +52,13 @@ struct Response {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Add(Registration),
-    Del { container_id: String },
-    Check { container_id: String, ips: Vec<IpAddr> },
+    Del {
+        container_id: String,
+    },
+    Check {
+        container_id: String,
+        ips: Vec<IpAddr>,
+    },
 }
 
 impl Op {
@@ -83,7 +88,8 @@ pub enum RegistrationError {
 
 /// Parses and validates one request line. Pure, so hostile input is unit-tested.
 pub fn parse(line: &[u8]) -> Result<Op, RegistrationError> {
-    let req: Request = serde_json::from_slice(line).map_err(|e| RegistrationError::Malformed(e.to_string()))?;
+    let req: Request =
+        serde_json::from_slice(line).map_err(|e| RegistrationError::Malformed(e.to_string()))?;
     if req.v != PROTOCOL_VERSION {
         return Err(RegistrationError::Version(req.v));
     }
@@ -96,19 +102,42 @@ pub fn parse(line: &[u8]) -> Result<Op, RegistrationError> {
             check_dns("name", &name, 253)?;
             let ips = parse_ips(req.ips.unwrap_or_default())?;
             if ips.is_empty() {
-                return Err(RegistrationError::Invalid { field: "ips", reason: "at least one IP is needed".into() });
+                return Err(RegistrationError::Invalid {
+                    field: "ips",
+                    reason: "at least one IP is needed".into(),
+                });
             }
-            Ok(Op::Add(Registration { container_id: req.container_id, namespace, name, ips }))
+            Ok(Op::Add(Registration {
+                container_id: req.container_id,
+                namespace,
+                name,
+                ips,
+            }))
         }
-        "del" => Ok(Op::Del { container_id: req.container_id }),
-        "check" => Ok(Op::Check { container_id: req.container_id, ips: parse_ips(req.ips.unwrap_or_default())? }),
-        other => Err(RegistrationError::UnknownOp(other.chars().take(32).collect())),
+        "del" => Ok(Op::Del {
+            container_id: req.container_id,
+        }),
+        "check" => Ok(Op::Check {
+            container_id: req.container_id,
+            ips: parse_ips(req.ips.unwrap_or_default())?,
+        }),
+        other => Err(RegistrationError::UnknownOp(
+            other.chars().take(32).collect(),
+        )),
     }
 }
 
 fn check_container_id(id: &str) -> Result<(), RegistrationError> {
-    if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        return Err(RegistrationError::Invalid { field: "containerId", reason: "1-128 of [A-Za-z0-9._-]".into() });
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(RegistrationError::Invalid {
+            field: "containerId",
+            reason: "1-128 of [A-Za-z0-9._-]".into(),
+        });
     }
     Ok(())
 }
@@ -116,24 +145,39 @@ fn check_container_id(id: &str) -> Result<(), RegistrationError> {
 fn check_dns(field: &'static str, s: &str, max: usize) -> Result<(), RegistrationError> {
     let ok = !s.is_empty()
         && s.len() <= max
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
         && !s.starts_with(['-', '.'])
         && !s.ends_with(['-', '.']);
-    if ok { Ok(()) } else { Err(RegistrationError::Invalid { field, reason: format!("{s:?} is not a DNS name") }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistrationError::Invalid {
+            field,
+            reason: format!("{s:?} is not a DNS name"),
+        })
+    }
 }
 
 fn parse_ips(raw: Vec<String>) -> Result<Vec<IpAddr>, RegistrationError> {
     if raw.len() > MAX_IPS {
-        return Err(RegistrationError::Invalid { field: "ips", reason: format!("more than {MAX_IPS}") });
+        return Err(RegistrationError::Invalid {
+            field: "ips",
+            reason: format!("more than {MAX_IPS}"),
+        });
     }
     let mut out = Vec::with_capacity(raw.len());
     for s in raw {
-        let ip: IpAddr = s
-            .parse()
-            .map_err(|_| RegistrationError::Invalid { field: "ips", reason: format!("{s:?} is not an IP address") })?;
+        let ip: IpAddr = s.parse().map_err(|_| RegistrationError::Invalid {
+            field: "ips",
+            reason: format!("{s:?} is not an IP address"),
+        })?;
         let ip = ip.to_canonical();
         if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
-            return Err(RegistrationError::Invalid { field: "ips", reason: format!("{ip} cannot be a pod address") });
+            return Err(RegistrationError::Invalid {
+                field: "ips",
+                reason: format!("{ip} cannot be a pod address"),
+            });
         }
         if !out.contains(&ip) {
             out.push(ip);
@@ -180,12 +224,15 @@ pub fn apply(index: &PodIndex, op: &Op) -> Result<(), RegistrationError> {
     }
 }
 
+/// Hears every op and whether it was applied (metrics, and the agent's confirm-and-prefetch).
+pub type OpHook = Arc<dyn Fn(&Op, bool) + Send + Sync>;
+
 /// Serves registrations until `shutdown`; removes the socket file on the way out.
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     index: Arc<PodIndex>,
-    on_op: Arc<dyn Fn(&Op, bool) + Send + Sync>,
+    on_op: OpHook,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -213,16 +260,26 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn handle(stream: UnixStream, index: &PodIndex, on_op: &(dyn Fn(&Op, bool) + Send + Sync)) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    index: &PodIndex,
+    on_op: &(dyn Fn(&Op, bool) + Send + Sync),
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = Vec::new();
-    let read = tokio::time::timeout(READ_TIMEOUT, BufReader::new(r.take(MAX_MESSAGE + 1)).read_until(b'\n', &mut line)).await;
+    let read = tokio::time::timeout(
+        READ_TIMEOUT,
+        BufReader::new(r.take(MAX_MESSAGE + 1)).read_until(b'\n', &mut line),
+    )
+    .await;
     let result = match read {
-        Err(_) => Err(RegistrationError::Malformed("timed out reading the request".into())),
+        Err(_) => Err(RegistrationError::Malformed(
+            "timed out reading the request".into(),
+        )),
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) if line.len() as u64 > MAX_MESSAGE => {
-            Err(RegistrationError::Malformed(format!("request larger than {MAX_MESSAGE} bytes")))
-        }
+        Ok(Ok(_)) if line.len() as u64 > MAX_MESSAGE => Err(RegistrationError::Malformed(format!(
+            "request larger than {MAX_MESSAGE} bytes"
+        ))),
         Ok(Ok(_)) => parse(line.strip_suffix(b"\n").unwrap_or(&line)).and_then(|op| {
             let r = apply(index, &op);
             on_op(&op, r.is_ok());
@@ -232,11 +289,19 @@ async fn handle(stream: UnixStream, index: &PodIndex, on_op: &(dyn Fn(&Op, bool)
     let resp = match &result {
         Ok(op) => {
             tracing::debug!(op = op.metric_label(), "registration applied");
-            Response { v: PROTOCOL_VERSION, ok: true, error: None }
+            Response {
+                v: PROTOCOL_VERSION,
+                ok: true,
+                error: None,
+            }
         }
         Err(e) => {
             tracing::warn!(error = %e, "registration refused");
-            Response { v: PROTOCOL_VERSION, ok: false, error: Some(e.to_string()) }
+            Response {
+                v: PROTOCOL_VERSION,
+                ok: false,
+                error: Some(e.to_string()),
+            }
         }
     };
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
@@ -253,7 +318,13 @@ mod tests {
     fn add_parses_and_normalises_ips() {
         let op = parse(br#"{"v":1,"op":"add","containerId":"abc123","namespace":"ns","name":"p-1","ips":["10.0.0.1","::ffff:10.0.0.2","10.0.0.1"]}"#).unwrap();
         let Op::Add(r) = op else { panic!("not add") };
-        assert_eq!(r.ips, vec!["10.0.0.1".parse::<IpAddr>().unwrap(), "10.0.0.2".parse().unwrap()]);
+        assert_eq!(
+            r.ips,
+            vec![
+                "10.0.0.1".parse::<IpAddr>().unwrap(),
+                "10.0.0.2".parse().unwrap()
+            ]
+        );
     }
 
     #[test]
@@ -275,7 +346,11 @@ mod tests {
         ];
         for (input, want) in cases {
             let err = parse(input).unwrap_err().to_string();
-            assert!(err.contains(want), "{:?}: {err}", String::from_utf8_lossy(input));
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
@@ -286,7 +361,13 @@ mod tests {
         let listener = bind(&path).unwrap();
         let index = Arc::new(PodIndex::new());
         let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(listener, path.clone(), index.clone(), Arc::new(|_: &Op, _| {}), stop.clone()));
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            index.clone(),
+            Arc::new(|_: &Op, _| {}),
+            stop.clone(),
+        ));
 
         async fn send(path: &Path, msg: &str) -> String {
             let mut s = UnixStream::connect(path).await.unwrap();
@@ -296,16 +377,40 @@ mod tests {
             out
         }
         let add = r#"{"v":1,"op":"add","containerId":"c1","namespace":"ns","name":"p","ips":["10.1.0.5"]}"#;
-        assert_eq!(send(&path, &format!("{add}\n")).await, "{\"v\":1,\"ok\":true}\n");
-        assert_eq!(index.lookup("10.1.0.5".parse().unwrap()), super::super::Lookup::Pending);
+        assert_eq!(
+            send(&path, &format!("{add}\n")).await,
+            "{\"v\":1,\"ok\":true}\n"
+        );
+        assert_eq!(
+            index.lookup("10.1.0.5".parse().unwrap()),
+            super::super::Lookup::Pending
+        );
         let check = r#"{"v":1,"op":"check","containerId":"c1","ips":["10.1.0.5"]}"#;
-        assert!(send(&path, &format!("{check}\n")).await.contains("\"ok\":true"));
+        assert!(
+            send(&path, &format!("{check}\n"))
+                .await
+                .contains("\"ok\":true")
+        );
         assert!(send(&path, "garbage\n").await.contains("\"ok\":false"));
         let del = r#"{"v":1,"op":"del","containerId":"c1"}"#;
-        assert!(send(&path, &format!("{del}\n")).await.contains("\"ok\":true"));
-        assert!(send(&path, &format!("{del}\n")).await.contains("\"ok\":true"), "DEL is idempotent");
-        assert_eq!(index.lookup("10.1.0.5".parse().unwrap()), super::super::Lookup::Unknown);
-        let mode = std::fs::metadata(&path).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions())).unwrap();
+        assert!(
+            send(&path, &format!("{del}\n"))
+                .await
+                .contains("\"ok\":true")
+        );
+        assert!(
+            send(&path, &format!("{del}\n"))
+                .await
+                .contains("\"ok\":true"),
+            "DEL is idempotent"
+        );
+        assert_eq!(
+            index.lookup("10.1.0.5".parse().unwrap()),
+            super::super::Lookup::Unknown
+        );
+        let mode = std::fs::metadata(&path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+            .unwrap();
         assert_eq!(mode & 0o777, 0o600);
         stop.cancel();
         task.await.unwrap();

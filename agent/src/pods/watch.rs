@@ -20,7 +20,12 @@ pub enum WatchError {
 }
 
 /// Feeds `index` from the API until the stream ends; `on_change` hears arrivals and departures.
-pub async fn run(api: Api<Pod>, node: String, index: Arc<PodIndex>, on_change: impl Fn(Change)) -> WatchError {
+pub async fn run(
+    api: Api<Pod>,
+    node: String,
+    index: Arc<PodIndex>,
+    on_change: impl Fn(Change),
+) -> WatchError {
     let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let mut stream = watcher(api, cfg).default_backoff().boxed();
     let mut buffer: Vec<PodInfo> = Vec::new();
@@ -49,7 +54,9 @@ pub async fn run(api: Api<Pod>, node: String, index: Arc<PodIndex>, on_change: i
                     on_change(Change::Gone(gone));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, node = %node, "pod watch error; retrying with backoff"),
+            Err(e) => {
+                tracing::warn!(error = %e, node = %node, "pod watch error; retrying with backoff")
+            }
         }
     }
     WatchError::Ended { node }

@@ -1,0 +1,251 @@
+//! Role resolution: a pod's ServiceAccount annotations, read the way the IRSA webhook reads them.
+//!
+//! Only the ServiceAccounts of this node's pods are read, each by a direct GET and cached for
+//! `ttl` (the documented bound on how late a role change is seen): O(pods on the node) API load.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{IdentityError, ServiceAccounts};
+
+pub const AUDIENCE_ANNOTATION: &str = "eks.amazonaws.com/audience";
+pub const TOKEN_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
+pub const REGIONAL_STS_ANNOTATION: &str = "eks.amazonaws.com/sts-regional-endpoints";
+/// The TokenRequest API's minimum; the token is used once, right away, and never leaves the agent.
+pub const MIN_TOKEN_EXPIRATION: i64 = 600;
+
+/// The role a ServiceAccount grants and how to ask for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleSpec {
+    pub role_arn: String,
+    pub audience: String,
+    pub token_expiration_secs: i64,
+    pub regional_sts: bool,
+}
+
+impl RoleSpec {
+    /// The last segment of the ARN: what `security-credentials/` lists.
+    pub fn role_name(&self) -> &str {
+        self.role_arn.rsplit('/').next().unwrap_or(&self.role_arn)
+    }
+}
+
+/// Checks `arn:<partition>:iam::<12 digits>:role/<path/>name`.
+pub fn validate_role_arn(arn: &str) -> Result<(), String> {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [scheme, partition, service, region, account, resource] = parts.as_slice() else {
+        return Err("not an ARN".into());
+    };
+    if *scheme != "arn" || !partition.starts_with("aws") || *service != "iam" || !region.is_empty()
+    {
+        return Err("not an IAM ARN".into());
+    }
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("account must be 12 digits".into());
+    }
+    let Some(path) = resource.strip_prefix("role/") else {
+        return Err("not a role ARN".into());
+    };
+    let name = path.rsplit('/').next().unwrap_or("");
+    if name.is_empty()
+        || name.len() > 64
+        || arn.len() > 2048
+        || !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
+    {
+        return Err("invalid role name".into());
+    }
+    Ok(())
+}
+
+pub struct RoleResolver {
+    accounts: Arc<dyn ServiceAccounts>,
+    annotation: String,
+    default_audience: String,
+    cache: moka::future::Cache<(String, String), Option<Arc<RoleSpec>>>,
+}
+
+impl RoleResolver {
+    pub fn new(
+        accounts: Arc<dyn ServiceAccounts>,
+        annotation: String,
+        default_audience: String,
+        ttl: Duration,
+    ) -> Self {
+        let cache = moka::future::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(ttl)
+            .build();
+        RoleResolver {
+            accounts,
+            annotation,
+            default_audience,
+            cache,
+        }
+    }
+
+    /// The role for `namespace/service_account`, or `None` when it names none. Concurrent misses
+    /// share one read; errors are not cached.
+    pub async fn resolve(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Option<Arc<RoleSpec>>, IdentityError> {
+        let key = (namespace.to_string(), service_account.to_string());
+        self.cache
+            .try_get_with(key, async {
+                let ann = self
+                    .accounts
+                    .annotations(namespace, service_account)
+                    .await?;
+                Ok(ann
+                    .and_then(|a| self.spec_from(namespace, service_account, &a))
+                    .map(Arc::new))
+            })
+            .await
+            .map_err(|e: Arc<IdentityError>| (*e).clone())
+    }
+
+    fn spec_from(
+        &self,
+        ns: &str,
+        sa: &str,
+        a: &std::collections::BTreeMap<String, String>,
+    ) -> Option<RoleSpec> {
+        let arn = a.get(&self.annotation)?.trim();
+        if let Err(reason) = validate_role_arn(arn) {
+            tracing::warn!(
+                namespace = ns,
+                service_account = sa,
+                reason,
+                "ignoring invalid role annotation"
+            );
+            return None;
+        }
+        let token_expiration_secs = a
+            .get(TOKEN_EXPIRATION_ANNOTATION)
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .unwrap_or(MIN_TOKEN_EXPIRATION)
+            .clamp(MIN_TOKEN_EXPIRATION, 86_400);
+        Some(RoleSpec {
+            role_arn: arn.to_string(),
+            audience: a
+                .get(AUDIENCE_ANNOTATION)
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| self.default_audience.clone()),
+            token_expiration_secs,
+            regional_sts: a
+                .get(REGIONAL_STS_ANNOTATION)
+                .is_none_or(|v| v.trim() != "false"),
+        })
+    }
+
+    /// Forgets a ServiceAccount so its next read goes to the API.
+    pub async fn forget(&self, namespace: &str, service_account: &str) {
+        self.cache
+            .invalidate(&(namespace.to_string(), service_account.to_string()))
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Fake {
+        ann: BTreeMap<String, String>,
+        reads: AtomicUsize,
+    }
+    impl ServiceAccounts for Fake {
+        fn annotations<'a>(
+            &'a self,
+            _: &'a str,
+            name: &'a str,
+        ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, IdentityError>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let r = if name == "missing" {
+                None
+            } else {
+                Some(self.ann.clone())
+            };
+            Box::pin(async move { Ok(r) })
+        }
+    }
+
+    fn resolver(pairs: &[(&str, &str)]) -> (RoleResolver, Arc<Fake>) {
+        let fake = Arc::new(Fake {
+            ann: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            reads: AtomicUsize::new(0),
+        });
+        let r = RoleResolver::new(
+            fake.clone(),
+            "eks.amazonaws.com/role-arn".into(),
+            "sts.amazonaws.com".into(),
+            Duration::from_secs(60),
+        );
+        (r, fake)
+    }
+
+    #[tokio::test]
+    async fn annotations_shape_the_role_spec() {
+        let (r, _) = resolver(&[
+            (
+                "eks.amazonaws.com/role-arn",
+                "arn:aws:iam::123456789012:role/team/app",
+            ),
+            (AUDIENCE_ANNOTATION, "custom-aud"),
+            (TOKEN_EXPIRATION_ANNOTATION, "7200"),
+            (REGIONAL_STS_ANNOTATION, "false"),
+        ]);
+        let s = r.resolve("ns", "sa").await.unwrap().unwrap();
+        assert_eq!(s.role_name(), "app");
+        assert_eq!(s.audience, "custom-aud");
+        assert_eq!(s.token_expiration_secs, 7200);
+        assert!(!s.regional_sts);
+    }
+
+    #[tokio::test]
+    async fn no_annotation_or_no_account_means_no_role() {
+        let (r, _) = resolver(&[("other", "x")]);
+        assert_eq!(r.resolve("ns", "sa").await.unwrap(), None);
+        assert_eq!(r.resolve("ns", "missing").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn invalid_arns_grant_nothing() {
+        for bad in [
+            "",
+            "role/x",
+            "arn:aws:iam::12345:role/x",
+            "arn:aws:s3:::bucket",
+            "arn:aws:iam::123456789012:user/x",
+            "arn:aws:iam::123456789012:role/",
+        ] {
+            let (r, _) = resolver(&[("eks.amazonaws.com/role-arn", bad)]);
+            assert_eq!(r.resolve("ns", "sa").await.unwrap(), None, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn service_accounts_are_read_once_per_ttl() {
+        let (r, fake) = resolver(&[(
+            "eks.amazonaws.com/role-arn",
+            "arn:aws:iam::123456789012:role/app",
+        )]);
+        for _ in 0..10 {
+            r.resolve("ns", "sa").await.unwrap();
+        }
+        assert_eq!(fake.reads.load(Ordering::SeqCst), 1);
+        r.forget("ns", "sa").await;
+        r.resolve("ns", "sa").await.unwrap();
+        assert_eq!(fake.reads.load(Ordering::SeqCst), 2);
+    }
+}
