@@ -370,3 +370,272 @@ impl Limiter {
         permit
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Secret;
+    use futures::future::BoxFuture;
+    use std::sync::atomic::AtomicUsize;
+
+    struct FakeClock(Mutex<SystemTime>);
+    impl Clock for FakeClock {
+        fn now(&self) -> SystemTime {
+            *lock(&self.0)
+        }
+    }
+    impl FakeClock {
+        fn advance(&self, d: Duration) {
+            *lock(&self.0) += d;
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeMinter {
+        calls: AtomicUsize,
+    }
+    impl TokenMinter for FakeMinter {
+        fn mint<'a>(
+            &'a self,
+            pod: &'a PodInfo,
+            _: &'a str,
+            _: i64,
+        ) -> BoxFuture<'a, Result<Secret, IdentityError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                // Give concurrent callers time to pile up behind the first.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Secret::new(format!("jwt-for-{}", pod.uid)))
+            })
+        }
+    }
+
+    struct FakeSts {
+        calls: AtomicUsize,
+        clock: Arc<FakeClock>,
+        /// Errors to return before succeeding again.
+        failures: Mutex<Vec<IdentityError>>,
+        down: std::sync::atomic::AtomicBool,
+        sessions: Mutex<Vec<String>>,
+    }
+    impl RoleExchange for FakeSts {
+        fn assume<'a>(
+            &'a self,
+            req: &'a AssumeRequest,
+        ) -> BoxFuture<'a, Result<Credentials, IdentityError>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            lock(&self.sessions).push(req.session_name.clone());
+            let fail = lock(&self.failures).pop();
+            let down = self.down.load(Ordering::SeqCst);
+            let now = self.clock.now();
+            Box::pin(async move {
+                if down {
+                    return Err(IdentityError::StsUnavailable {
+                        code: "InternalFailure".into(),
+                        message: "down".into(),
+                    });
+                }
+                if let Some(e) = fail {
+                    return Err(e);
+                }
+                Ok(Credentials {
+                    access_key_id: format!("ASIA{n}"),
+                    secret_access_key: Secret::new("s"),
+                    session_token: Secret::new("t"),
+                    expiration: now + Duration::from_secs(3600),
+                    issued_at: now,
+                })
+            })
+        }
+    }
+
+    struct Bed {
+        cache: Arc<CredentialCache>,
+        minter: Arc<FakeMinter>,
+        sts: Arc<FakeSts>,
+        clock: Arc<FakeClock>,
+        pod: Arc<PodInfo>,
+        role: Arc<RoleSpec>,
+    }
+
+    fn bed() -> Bed {
+        let clock = Arc::new(FakeClock(Mutex::new(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        )));
+        let minter = Arc::new(FakeMinter::default());
+        let sts = Arc::new(FakeSts {
+            calls: AtomicUsize::new(0),
+            clock: clock.clone(),
+            failures: Mutex::new(vec![]),
+            down: false.into(),
+            sessions: Mutex::new(vec![]),
+        });
+        let settings = CacheSettings {
+            duration: Duration::from_secs(3600),
+            refresh_at_remaining: Duration::from_secs(45 * 60),
+            max_concurrent: 16,
+            rate_per_sec: 1000,
+            negative_ttl: Duration::from_secs(30),
+        };
+        let cache = Arc::new(CredentialCache::new(
+            minter.clone(),
+            sts.clone(),
+            clock.clone(),
+            settings,
+            Arc::new(Metrics::new()),
+        ));
+        let pod = Arc::new(PodInfo {
+            uid: "uid-1".into(),
+            namespace: "team".into(),
+            name: "api-0".into(),
+            service_account: "sa".into(),
+            node_name: Some("n1".into()),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            host_network: false,
+            terminal: false,
+        });
+        let role = Arc::new(RoleSpec {
+            role_arn: "arn:aws:iam::123456789012:role/app".into(),
+            audience: "sts.amazonaws.com".into(),
+            token_expiration_secs: 600,
+            regional_sts: true,
+        });
+        Bed {
+            cache,
+            minter,
+            sts,
+            clock,
+            pod,
+            role,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_first_requests_cost_one_token_request_and_one_sts_call() {
+        let b = bed();
+        let gets = (0..200).map(|_| {
+            let (c, p, r) = (b.cache.clone(), b.pod.clone(), b.role.clone());
+            tokio::spawn(async move { c.get(&p, &r).await })
+        });
+        let results = futures::future::join_all(gets).await;
+        let keys: HashSet<String> = results
+            .into_iter()
+            .map(|r| r.unwrap().unwrap().access_key_id)
+            .collect();
+        assert_eq!(keys.len(), 1, "everyone got the same credentials");
+        assert_eq!(b.minter.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(lock(&b.sts.sessions)[0], "team.api-0");
+    }
+
+    use std::collections::HashSet;
+
+    #[tokio::test(start_paused = true)]
+    async fn credentials_are_refreshed_before_thirty_minutes_are_left() {
+        let b = bed();
+        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+        // 14 minutes in: 46 left, not yet due.
+        b.clock.advance(Duration::from_secs(14 * 60));
+        assert_eq!(b.cache.refresh_due().await, 0);
+        // 16 minutes in: 44 left, due; the background refresher replaces them.
+        b.clock.advance(Duration::from_secs(2 * 60));
+        assert_eq!(b.cache.refresh_due().await, 1);
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+        let second = b.cache.get(&b.pod, &b.role).await.unwrap();
+        assert_ne!(first.access_key_id, second.access_key_id);
+        // Walk an hour in 5-minute steps, refreshing as the refresher would: every answer keeps 30 minutes.
+        for _ in 0..24 {
+            b.clock.advance(Duration::from_secs(5 * 60));
+            b.cache.refresh_due().await;
+            let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert!(remaining(&c, b.clock.now()) >= MIN_SERVED_REMAINING);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_inside_the_last_thirty_minutes_fetches_fresh_ones() {
+        let b = bed();
+        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+        b.clock.advance(Duration::from_secs(31 * 60));
+        let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+        assert_ne!(c.access_key_id, first.access_key_id);
+        assert!(remaining(&c, b.clock.now()) >= MIN_SERVED_REMAINING);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sts_down_serves_unexpired_but_never_expired_credentials() {
+        let b = bed();
+        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+        b.sts.down.store(true, Ordering::SeqCst);
+        b.clock.advance(Duration::from_secs(50 * 60));
+        let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+        assert_eq!(
+            c.access_key_id, first.access_key_id,
+            "still valid: served while STS is down"
+        );
+        b.clock.advance(Duration::from_secs(10 * 60));
+        assert!(
+            b.cache.get(&b.pod, &b.role).await.is_err(),
+            "expired: never served"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_is_retried_and_access_denied_is_not() {
+        let b = bed();
+        lock(&b.sts.failures).push(IdentityError::StsUnavailable {
+            code: "Throttling".into(),
+            message: "slow down".into(),
+        });
+        assert!(b.cache.get(&b.pod, &b.role).await.is_ok());
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+
+        let b = bed();
+        lock(&b.sts.failures).push(IdentityError::StsRejected {
+            code: "AccessDenied".into(),
+            message: "no".into(),
+        });
+        assert!(matches!(
+            b.cache.get(&b.pod, &b.role).await,
+            Err(IdentityError::StsRejected { .. })
+        ));
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+        // Remembered: a second request does not hammer STS...
+        assert!(b.cache.get(&b.pod, &b.role).await.is_err());
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+        // ...until the refusal ages out.
+        b.clock.advance(Duration::from_secs(31));
+        assert!(b.cache.get(&b.pod, &b.role).await.is_ok());
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evicted_pod_credentials_are_gone_at_once() {
+        let b = bed();
+        b.cache.get(&b.pod, &b.role).await.unwrap();
+        assert!(b.cache.has_pod("uid-1"));
+        b.cache.evict_pod("uid-1");
+        assert!(!b.cache.has_pod("uid-1"));
+        b.cache.get(&b.pod, &b.role).await.unwrap();
+        assert_eq!(
+            b.sts.calls.load(Ordering::SeqCst),
+            2,
+            "a new fetch after eviction"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_spreads_a_crowd_over_time() {
+        let l = Limiter::new(100, 10);
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..30 {
+            drop(l.acquire().await);
+        }
+        // 10 in the burst, then 10 per second.
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+}

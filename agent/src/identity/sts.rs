@@ -37,7 +37,20 @@ impl SdkSts {
     /// Builds clients from the standard AWS configuration (`AWS_REGION`, `AWS_ENDPOINT_URL_STS`,
     /// ...) with the region given explicitly, so the SDK never looks for one in the real IMDS.
     pub async fn from_env(region: String) -> Self {
-        let base = aws_config::defaults(BehaviorVersion::latest())
+        Self::build(region, None).await
+    }
+
+    /// Like [`from_env`](Self::from_env) with an explicit endpoint (tests, the demo).
+    pub async fn with_endpoint(region: String, endpoint: String) -> Self {
+        Self::build(region, Some(endpoint)).await
+    }
+
+    async fn build(region: String, endpoint: Option<String>) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(e) = &endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let base = loader
             .region(aws_config::Region::new(region))
             .no_credentials()
             // Retries are ours (the cache's policy), so each attempt is counted and classified.
@@ -50,7 +63,8 @@ impl SdkSts {
             .load()
             .await;
         let regional = aws_sdk_sts::Client::new(&base);
-        let endpoint_overridden = std::env::var_os("AWS_ENDPOINT_URL_STS").is_some()
+        let endpoint_overridden = endpoint.is_some()
+            || std::env::var_os("AWS_ENDPOINT_URL_STS").is_some()
             || std::env::var_os("AWS_ENDPOINT_URL").is_some();
         let global = if endpoint_overridden {
             regional.clone()
