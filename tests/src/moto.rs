@@ -1,0 +1,89 @@
+//! The real third-party STS emulator, moto, as a child process.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+pub struct Moto {
+    endpoint: String,
+    child: Child,
+}
+
+impl Moto {
+    /// Starts moto on 127.0.0.1 and a free port, and waits until it answers.
+    pub async fn start() -> anyhow::Result<Moto> {
+        Self::start_with(&[], "127.0.0.1").await
+    }
+
+    /// Starts moto behind `prefix` (e.g. `["ip", "netns", "exec", "node"]`), listening on `host`.
+    pub async fn start_with(prefix: &[&str], host: &str) -> anyhow::Result<Moto> {
+        let python = crate::deps::require(&crate::deps::moto_python())?;
+        // A free port: bind, read, release. Moto rebinds it a moment later.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        argv.push(python.display().to_string());
+        argv.extend(["-m", "moto.server", "-H", host, "-p"].map(String::from));
+        argv.push(port.to_string());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting moto: {argv:?}"))?;
+        let endpoint = format!("http://{host}:{port}");
+        let moto = Moto { endpoint, child };
+        let probe: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if moto.answers(&probe, host, port).await {
+                return Ok(moto);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "moto did not answer on {host}:{port} within 60s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn answers(&self, prefix: &[String], host: &str, port: u16) -> bool {
+        if prefix.is_empty() {
+            return tokio::net::TcpStream::connect((host, port)).await.is_ok();
+        }
+        // Inside a namespace: probe from there.
+        let mut cmd = Command::new(&prefix[0]);
+        cmd.args(&prefix[1..])
+            .args(["bash", "-c", &format!("exec 3<>/dev/tcp/{host}/{port}")]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        matches!(tokio::time::timeout(Duration::from_secs(5), cmd.status()).await, Ok(Ok(s)) if s.success())
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// An STS client for moto (dummy credentials: moto accepts any).
+    pub async fn sts_client(&self) -> aws_sdk_sts::Client {
+        let conf = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint.clone())
+            .credentials_provider(aws_credential_types::Credentials::new(
+                "testing", "testing", None, None, "moto",
+            ))
+            .build();
+        aws_sdk_sts::Client::from_conf(conf)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}

@@ -1,0 +1,47 @@
+//! Small pieces the emulators share.
+
+use tokio_util::sync::CancellationToken;
+
+/// Stops a server's accept loop when the last handle to it drops.
+pub struct StopOnDrop(pub CancellationToken);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Serves `listener` with `handler` until `stop`; one hyper http1 connection per accept.
+pub fn serve<F, Fut, B>(listener: tokio::net::TcpListener, stop: CancellationToken, handler: F)
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// Turns a std listener (possibly bound inside a network namespace) into a tokio one.
+pub fn tokio_listener(l: std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}

@@ -1,0 +1,619 @@
+//! The agent end to end on loopback: the emulated Kubernetes API, the in-process STS emulator, a
+//! fake upstream IMDS, and HTTP from per-pod source addresses (127.0.0.x). Every rule of
+//! DESIGN §3 and the cache/identity rules of §4–§5 that do not need namespaces.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use testbed::fake_imds::FakeImds;
+use testbed::harness::{Agent, NODE, request, wait_for};
+use testbed::kube_api::{KubeApi, pod};
+use testbed::sts::StsEmulator;
+
+const ROLE_A: &str = "arn:aws:iam::123456789012:role/team-a/reader";
+const ROLE_B: &str = "arn:aws:iam::123456789012:role/writer";
+const ANN: &str = "eks.amazonaws.com/role-arn";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+struct Bed {
+    kube: KubeApi,
+    sts: StsEmulator,
+    upstream: FakeImds,
+    agent: Agent,
+}
+
+async fn bed(args: &[&str]) -> Bed {
+    let kube = KubeApi::start().await.unwrap();
+    let sts = StsEmulator::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    kube.apply_service_account("apps", "reader", &[(ANN, ROLE_A)]);
+    kube.apply_service_account("apps", "writer", &[(ANN, ROLE_B)]);
+    kube.apply_service_account("apps", "plain", &[]);
+    let exchange = Arc::new(
+        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
+            .await,
+    );
+    let agent = Agent::start(&kube, exchange, &upstream.url(), args)
+        .await
+        .unwrap();
+    Bed {
+        kube,
+        sts,
+        upstream,
+        agent,
+    }
+}
+
+/// Creates a running pod of this node with a role and waits until the agent identifies it.
+/// (A pod without a role cannot be waited on this way: create it before one that has a role;
+/// the watch delivers in order.)
+async fn add_pod(b: &Bed, name: &str, sa: &str, ip: &str) {
+    b.kube.create_pod(pod("apps", name, NODE, sa, &[ip]));
+    let src = ip.to_string();
+    // With a session token, so this also works when IMDSv2 is required.
+    wait_for(Duration::from_secs(10), || async {
+        let Ok(tok) = b.agent.token(&src, 60).await else {
+            return false;
+        };
+        let r = request(
+            b.agent.imds,
+            src.parse().unwrap(),
+            Method::GET,
+            CREDS,
+            &[("x-aws-ec2-metadata-token", &tok)],
+        )
+        .await;
+        matches!(r, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn listing_is_the_role_name_without_trailing_newline() {
+    let b = bed(&[]).await;
+    add_pod(&b, "a", "reader", "127.0.0.11").await;
+    for path in [CREDS, "/latest/meta-data/iam/security-credentials"] {
+        let r = b.agent.get("127.0.0.11", path).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.text(), "reader", "exactly the name, no newline");
+        assert_eq!(r.headers["content-type"], "text/plain");
+    }
+}
+
+#[tokio::test]
+async fn credentials_have_exactly_the_ec2_fields_and_formats() {
+    let b = bed(&[]).await;
+    add_pod(&b, "a", "reader", "127.0.0.12").await;
+    let r = b
+        .agent
+        .get("127.0.0.12", &format!("{CREDS}reader"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json().unwrap();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|s| s.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "AccessKeyId",
+            "Code",
+            "Expiration",
+            "LastUpdated",
+            "SecretAccessKey",
+            "Token",
+            "Type"
+        ]
+    );
+    assert_eq!(v["Code"], "Success");
+    assert_eq!(v["Type"], "AWS-HMAC");
+    for f in ["Expiration", "LastUpdated"] {
+        let s = v[f].as_str().unwrap();
+        assert_eq!(s.len(), 20, "{f}={s}");
+        assert!(
+            s.ends_with('Z') && s.as_bytes()[10] == b'T' && !s.contains('.'),
+            "{f}={s}"
+        );
+    }
+    // What STS issued for this pod's role, nothing else.
+    let calls = b.sts.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].role_arn, ROLE_A);
+    assert_eq!(calls[0].role_session_name, "apps.a");
+    // Another name under the listing: 404.
+    let r = b
+        .agent
+        .get("127.0.0.12", &format!("{CREDS}writer"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn two_pods_two_roles_and_a_pod_without_role_gets_none() {
+    let b = bed(&[]).await;
+    b.kube
+        .create_pod(pod("apps", "c", NODE, "plain", &["127.0.0.23"]));
+    add_pod(&b, "a", "reader", "127.0.0.21").await;
+    add_pod(&b, "b", "writer", "127.0.0.22").await;
+    let a = b
+        .agent
+        .get("127.0.0.21", &format!("{CREDS}reader"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    let w = b
+        .agent
+        .get("127.0.0.22", &format!("{CREDS}writer"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_ne!(a["AccessKeyId"], w["AccessKeyId"]);
+    // Each pod sees only its own role.
+    assert_eq!(
+        b.agent
+            .get("127.0.0.21", &format!("{CREDS}writer"))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        b.agent
+            .get("127.0.0.22", &format!("{CREDS}reader"))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // The pod without a role: nothing, and never the node's role.
+    let none = b.agent.get("127.0.0.23", CREDS).await.unwrap();
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    assert!(!none.text().contains("node-role"));
+    let none = b
+        .agent
+        .get("127.0.0.23", &format!("{CREDS}node-role"))
+        .await
+        .unwrap();
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    assert!(!none.text().contains("ASIANODEROLEDONOTUSE"));
+    assert!(
+        b.upstream
+            .requests()
+            .iter()
+            .all(|(_, p)| !p.contains("/iam/")),
+        "node iam never asked upstream"
+    );
+    let roles: Vec<String> = b.sts.calls().into_iter().map(|c| c.role_arn).collect();
+    assert!(roles.contains(&ROLE_A.to_string()) && roles.contains(&ROLE_B.to_string()));
+}
+
+#[tokio::test]
+async fn unknown_caller_gets_404_after_a_bounded_wait() {
+    let b = bed(&["--pod-wait", "200ms"]).await;
+    let t0 = std::time::Instant::now();
+    let r = b.agent.get("127.0.0.99", CREDS).await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(200),
+        "waited for a registration first"
+    );
+}
+
+#[tokio::test]
+async fn host_network_pod_is_never_identified() {
+    let b = bed(&[]).await;
+    let mut p = pod("apps", "h", NODE, "reader", &["127.0.0.31"]);
+    p.spec.as_mut().unwrap().host_network = Some(true);
+    b.kube.create_pod(p);
+    add_pod(&b, "marker", "reader", "127.0.0.32").await; // the watch has passed the hostNetwork pod
+    assert_eq!(
+        b.agent.get("127.0.0.31", CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn imdsv2_tokens_are_bound_to_the_pod() {
+    let b = bed(&[]).await;
+    add_pod(&b, "a", "reader", "127.0.0.41").await;
+    add_pod(&b, "b", "writer", "127.0.0.42").await;
+    let put = |src: &'static str, h: Vec<(&'static str, &'static str)>| {
+        let to = b.agent.imds;
+        async move {
+            request(
+                to,
+                src.parse().unwrap(),
+                Method::PUT,
+                "/latest/api/token",
+                &h,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let ok = put(
+        "127.0.0.41",
+        vec![("x-aws-ec2-metadata-token-ttl-seconds", "300")],
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.headers["x-aws-ec2-metadata-token-ttl-seconds"], "300");
+    let token = ok.text();
+    for bad in ["0", "21601", "abc", ""] {
+        let r = put(
+            "127.0.0.41",
+            vec![("x-aws-ec2-metadata-token-ttl-seconds", bad)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "ttl {bad:?}");
+    }
+    assert_eq!(
+        put("127.0.0.41", vec![]).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let xff = put(
+        "127.0.0.41",
+        vec![
+            ("x-aws-ec2-metadata-token-ttl-seconds", "300"),
+            ("x-forwarded-for", "1.2.3.4"),
+        ],
+    )
+    .await;
+    assert_eq!(xff.status, StatusCode::FORBIDDEN);
+
+    let with = |src: &'static str, tok: String| {
+        let to = b.agent.imds;
+        async move {
+            request(
+                to,
+                src.parse().unwrap(),
+                Method::GET,
+                CREDS,
+                &[("x-aws-ec2-metadata-token", &tok)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let mine = with("127.0.0.41", token.clone()).await;
+    assert_eq!(
+        (mine.status, mine.text().as_str()),
+        (StatusCode::OK, "reader")
+    );
+    // Pod b presents pod a's token: 401.
+    assert_eq!(
+        with("127.0.0.42", token.clone()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        with("127.0.0.41", "garbage".into()).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        with("127.0.0.41", format!("{token}x")).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn imdsv2_required_refuses_tokenless_gets() {
+    let b = bed(&["--imds-v2", "required"]).await;
+    b.kube
+        .create_pod(pod("apps", "a", NODE, "reader", &["127.0.0.51"]));
+    // Wait until the pod is known: a token issued before that is bound to the address, not the pod.
+    wait_for(Duration::from_secs(10), || async {
+        let Ok(tok) = b.agent.token("127.0.0.51", 60).await else {
+            return false;
+        };
+        let r = request(
+            b.agent.imds,
+            "127.0.0.51".parse().unwrap(),
+            Method::GET,
+            CREDS,
+            &[("x-aws-ec2-metadata-token", &tok)],
+        )
+        .await;
+        matches!(r, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+    let token = b.agent.token("127.0.0.51", 60).await.unwrap();
+    assert_eq!(
+        b.agent.get("127.0.0.51", CREDS).await.unwrap().status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = request(
+        b.agent.imds,
+        "127.0.0.51".parse().unwrap(),
+        Method::GET,
+        &format!("{CREDS}reader"),
+        &[("x-aws-ec2-metadata-token", &token)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn methods_paths_and_node_secrets() {
+    let b = bed(&[]).await;
+    add_pod(&b, "a", "reader", "127.0.0.61").await;
+    let src = "127.0.0.61".parse().unwrap();
+    for m in [Method::POST, Method::DELETE, Method::PATCH] {
+        assert_eq!(
+            request(b.agent.imds, src, m, CREDS, &[])
+                .await
+                .unwrap()
+                .status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+    let head = request(b.agent.imds, src, Method::HEAD, CREDS, &[])
+        .await
+        .unwrap();
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    for p in [
+        "/latest/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/meta-data/iam/security-credentials-extended/reader",
+        "/latest/meta-data/local-ipv4",
+    ] {
+        assert_eq!(
+            b.agent.get("127.0.0.61", p).await.unwrap().status,
+            StatusCode::NOT_FOUND,
+            "{p}"
+        );
+    }
+    let region = b
+        .agent
+        .get("127.0.0.61", "/latest/meta-data/placement/region")
+        .await
+        .unwrap();
+    assert_eq!(
+        (region.status, region.text().as_str()),
+        (StatusCode::OK, "us-east-1")
+    );
+    let seen: Vec<String> = b.upstream.requests().into_iter().map(|(_, p)| p).collect();
+    assert!(
+        seen.iter().any(|p| p == "/latest/api/token"),
+        "upstream spoken to with IMDSv2: {seen:?}"
+    );
+    assert!(seen.iter().all(|p| !p.contains("user-data")
+        && !p.contains("identity-credentials")
+        && !p.contains("local-ipv4")));
+    let info = b
+        .agent
+        .get("127.0.0.61", "/latest/meta-data/iam/info")
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        info["InstanceProfileArn"],
+        "arn:aws:iam::123456789012:instance-profile/team-a/reader"
+    );
+}
+
+#[tokio::test]
+async fn role_that_cannot_be_assumed_answers_like_ec2_and_raises_an_event() {
+    let b = bed(&[]).await;
+    b.sts.deny_role(ROLE_B);
+    add_pod(&b, "b", "writer", "127.0.0.71").await;
+    let r = b
+        .agent
+        .get("127.0.0.71", &format!("{CREDS}writer"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let v = r.json().unwrap();
+    assert_eq!(v["Code"], "AssumeRoleUnauthorizedAccess");
+    assert!(
+        v.get("AccessKeyId").is_none()
+            && v.get("Token").is_none()
+            && v.get("SecretAccessKey").is_none()
+    );
+    wait_for(Duration::from_secs(10), || async {
+        b.kube.counters().events_created >= 1
+    })
+    .await
+    .unwrap();
+    // Refusals are not hammered: more requests, no more STS calls for a while.
+    let before = b.sts.call_count();
+    for _ in 0..5 {
+        b.agent
+            .get("127.0.0.71", &format!("{CREDS}writer"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(b.sts.call_count(), before);
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_cost_one_token_request_and_one_sts_call() {
+    let b = bed(&[]).await;
+    b.kube
+        .create_pod(pod("apps", "burst", NODE, "reader", &["127.0.0.81"]));
+    let to = b.agent.imds;
+    let path = format!("{CREDS}reader");
+    let reqs = (0..200).map(|_| {
+        let path = path.clone();
+        tokio::spawn(async move {
+            request(to, "127.0.0.81".parse().unwrap(), Method::GET, &path, &[]).await
+        })
+    });
+    let mut keys = std::collections::HashSet::new();
+    for r in futures::future::join_all(reqs).await {
+        let r = r.unwrap().unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        keys.insert(
+            r.json().unwrap()["AccessKeyId"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(keys.len(), 1);
+    assert_eq!(b.kube.counters().token_requests, 1);
+    assert_eq!(b.sts.call_count(), 1);
+}
+
+#[tokio::test]
+async fn pod_is_prefetched_before_its_first_request() {
+    let b = bed(&[]).await;
+    b.kube
+        .create_pod(pod("apps", "early", NODE, "reader", &["127.0.0.91"]));
+    wait_for(Duration::from_secs(10), || async {
+        b.sts.call_count() == 1
+    })
+    .await
+    .unwrap();
+    let r = b
+        .agent
+        .get("127.0.0.91", &format!("{CREDS}reader"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(b.sts.call_count(), 1, "the first request was a cache hit");
+}
+
+#[tokio::test]
+async fn deleted_pod_is_forgotten_and_its_ip_reused_by_another_role_gets_only_that_role() {
+    let b = bed(&[]).await;
+    add_pod(&b, "old", "reader", "127.0.0.101").await;
+    let old = b
+        .agent
+        .get("127.0.0.101", &format!("{CREDS}reader"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    b.kube.delete_pod("apps", "old");
+    wait_for(Duration::from_secs(10), || async {
+        matches!(b.agent.get("127.0.0.101", CREDS).await, Ok(r) if r.status == StatusCode::NOT_FOUND)
+    })
+    .await
+    .unwrap();
+    add_pod(&b, "new", "writer", "127.0.0.101").await;
+    let listing = b.agent.get("127.0.0.101", CREDS).await.unwrap();
+    assert_eq!(listing.text(), "writer");
+    let new = b
+        .agent
+        .get("127.0.0.101", &format!("{CREDS}writer"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_ne!(new["AccessKeyId"], old["AccessKeyId"]);
+    assert_eq!(
+        b.agent
+            .get("127.0.0.101", &format!("{CREDS}reader"))
+            .await
+            .unwrap()
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    let last = b.sts.calls().pop().unwrap();
+    assert_eq!(
+        (last.role_arn.as_str(), last.role_session_name.as_str()),
+        (ROLE_B, "apps.new")
+    );
+}
+
+#[tokio::test]
+async fn terminated_pod_ip_never_matches() {
+    let b = bed(&[]).await;
+    add_pod(&b, "job", "reader", "127.0.0.111").await;
+    b.kube.update_pod("apps", "job", |p| {
+        p.status.as_mut().unwrap().phase = Some("Succeeded".into())
+    });
+    wait_for(Duration::from_secs(10), || async {
+        matches!(b.agent.get("127.0.0.111", CREDS).await, Ok(r) if r.status == StatusCode::NOT_FOUND)
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn only_this_nodes_pods_are_watched_and_ops_endpoints_answer() {
+    let b = bed(&[]).await;
+    b.kube.create_pod(pod(
+        "apps",
+        "elsewhere",
+        "node-2",
+        "reader",
+        &["127.0.0.121"],
+    ));
+    add_pod(&b, "here", "reader", "127.0.0.122").await;
+    assert_eq!(
+        b.agent.get("127.0.0.121", CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        b.kube.counters().cluster_wide_pod_requests,
+        0,
+        "no cluster-wide pod list or watch"
+    );
+    let src = "127.0.0.1".parse().unwrap();
+    assert_eq!(
+        request(b.agent.ops, src, Method::GET, "/healthz", &[])
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        request(b.agent.ops, src, Method::GET, "/readyz", &[])
+            .await
+            .unwrap()
+            .status,
+        StatusCode::OK
+    );
+    let m = request(b.agent.ops, src, Method::GET, "/metrics", &[])
+        .await
+        .unwrap()
+        .text();
+    assert!(m.contains("irsa_imds_requests_total"), "{m}");
+    assert!(m.contains("irsa_imds_sts_calls_total"), "{m}");
+    assert!(!m.contains("ASIA"), "no secrets in metrics");
+}
+
+#[tokio::test]
+async fn shutdown_drains_and_returns_cleanly() {
+    let b = bed(&[]).await;
+    add_pod(&b, "a", "reader", "127.0.0.131").await;
+    let imds = b.agent.imds;
+    b.agent.stop().await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(imds).await.is_err(),
+        "listener closed after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn rust_sdk_imds_provider_gets_the_pods_credentials() {
+    use aws_credential_types::provider::ProvideCredentials;
+    for mode in ["optional", "required"] {
+        let b = bed(&["--imds-v2", mode]).await;
+        // The Rust SDK connects from 127.0.0.1: that address is this pod's.
+        add_pod(&b, "rusty", "reader", "127.0.0.1").await;
+        let client = aws_config::imds::client::Client::builder()
+            .endpoint(b.agent.url())
+            .unwrap()
+            .build();
+        let provider = aws_config::imds::credentials::ImdsCredentialsProvider::builder()
+            .imds_client(client)
+            .build();
+        let creds = provider.provide_credentials().await.unwrap();
+        let issued = b.sts.calls();
+        assert_eq!(issued.len(), 1, "{mode}");
+        assert!(creds.access_key_id().starts_with("ASIA"), "{mode}");
+        assert!(creds.session_token().is_some());
+        assert!(creds.expiry().is_some());
+    }
+}
