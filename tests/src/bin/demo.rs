@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .await,
     );
-    let agent = Agent::start(&kube, sts, &upstream.url(), &["--log-format", "text"]).await?;
+    let agent = Agent::start(&kube, sts, &upstream.url(), &[]).await?;
     for p in PODS {
         kube.create_pod(pod("demo", p.name, NODE, p.sa, &[p.ip]));
     }
