@@ -213,23 +213,24 @@ pub async fn run_with(
     let stop = CancellationToken::new();
     let rule = match (cfg.iptables, cfg.host_ip) {
         (true, Some(IpAddr::V4(ip))) => {
-            let rule = Arc::new(RedirectRule {
-                chain: "IRSA-IMDS".into(),
-                interface: cfg.host_interface.clone(),
-                target_v4: std::net::SocketAddrV4::new(ip, cfg.listen.port()),
-                target_v6: cfg
-                    .host_ipv6
+            let rule = Arc::new(RedirectRule::new(
+                &cfg.host_interface,
+                std::net::SocketAddrV4::new(ip, cfg.listen.port()),
+                cfg.host_ipv6
                     .map(|ip6| std::net::SocketAddrV6::new(ip6, cfg.listen.port(), 0, 0)),
-                iptables: "iptables".into(),
-                ip6tables: "ip6tables".into(),
-            });
-            rule.ensure()
+            ));
+            let r = rule.clone();
+            tokio::task::spawn_blocking(move || r.ensure())
+                .await
+                .map_err(|e| RunError::Netfilter(e.to_string()))?
                 .map_err(|e| RunError::Netfilter(e.to_string()))?;
             tracing::info!(interface = %cfg.host_interface, target = %rule.target_v4, "host redirect rule installed");
+            let metrics = deps.metrics.clone();
             tokio::spawn(crate::netfilter::reconcile(
                 rule.clone(),
                 cfg.iptables_resync,
                 stop.clone(),
+                move || metrics.rule_restored(),
             ));
             Some(rule)
         }
@@ -301,7 +302,14 @@ pub async fn run_with(
     if outcome.is_ok()
         && let Some(rule) = rule
     {
-        match rule.remove() {
+        match tokio::task::spawn_blocking(move || rule.remove())
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::netfilter::NetfilterError::Spawn(
+                    "remove".into(),
+                    e.to_string(),
+                ))
+            }) {
             Ok(()) => tracing::info!("host redirect rule removed"),
             Err(e) => tracing::error!(error = %e, "cannot remove host redirect rule"),
         }

@@ -380,10 +380,10 @@ fn take_fault(f: &mut Option<Fault>) -> Option<u16> {
             None
         }
         Some(n) => {
-            f.as_mut().map(|x| x.remaining = Some(n - 1));
-            if n == 1 {
-                *f = None;
-            }
+            *f = (n > 1).then_some(Fault {
+                remaining: Some(n - 1),
+                ..fault
+            });
             Some(fault.status)
         }
         None => Some(fault.status),

@@ -6,5 +6,6 @@ pub mod fake_imds;
 pub mod harness;
 pub mod kube_api;
 pub mod moto;
+pub mod netns;
 pub mod sts;
 pub mod util;

@@ -7,6 +7,7 @@ use tokio::process::{Child, Command};
 
 pub struct Moto {
     endpoint: String,
+    port: u16,
     child: Child,
 }
 
@@ -36,7 +37,11 @@ impl Moto {
             .spawn()
             .with_context(|| format!("starting moto: {argv:?}"))?;
         let endpoint = format!("http://{host}:{port}");
-        let moto = Moto { endpoint, child };
+        let moto = Moto {
+            endpoint,
+            port,
+            child,
+        };
         let probe: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -66,6 +71,10 @@ impl Moto {
 
     pub fn endpoint(&self) -> String {
         self.endpoint.clone()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// An STS client for moto (dummy credentials: moto accepts any).

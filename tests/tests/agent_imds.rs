@@ -2,6 +2,8 @@
 //! fake upstream IMDS, and HTTP from per-pod source addresses (127.0.0.x). Every rule of
 //! DESIGN §3 and the cache/identity rules of §4–§5 that do not need namespaces.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
 //! The agent against the real third-party STS emulator (moto): what a pod is served is exactly
 //! what STS issued for that pod's role, and the session names the pod.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -2,6 +2,8 @@
 //! The registration socket is driven exactly as the CNI hook drives it (one JSON line per
 //! connection); the hook binary itself is exercised in cni-hook's own tests and the netns suite.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::Duration;
 

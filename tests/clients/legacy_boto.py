@@ -1,0 +1,28 @@
+"""A pod's workload with botocore 1.12.199 (boto3 1.9.199): the last release before web
+identity, IMDSv1 only. Finds credentials through the SDK's default chain (which ends at
+169.254.169.254), then asks STS who it is. Prints one JSON line; never a secret."""
+import json
+import sys
+
+import botocore
+import botocore.session
+
+
+def main():
+    sts_endpoint = sys.argv[1]
+    session = botocore.session.get_session()
+    creds = session.get_credentials()
+    if creds is None:
+        print(json.dumps({"ok": False, "error": "no credentials", "sdk": botocore.__version__}))
+        return
+    client = session.create_client("sts", region_name="us-east-1", endpoint_url=sts_endpoint)
+    arn = client.get_caller_identity()["Arn"]
+    print(json.dumps({"ok": True, "arn": arn, "method": creds.method,
+                      "access_key_prefix": creds.access_key[:4], "sdk": botocore.__version__}))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as e:  # report, do not crash: the test reads the line
+        print(json.dumps({"ok": False, "error": "%s: %s" % (type(e).__name__, e)}))
