@@ -619,3 +619,116 @@ async fn rust_sdk_imds_provider_gets_the_pods_credentials() {
         assert!(creds.expiry().is_some());
     }
 }
+
+#[tokio::test]
+async fn role_annotation_change_is_seen_within_the_cache_ttl() {
+    let b = bed(&["--sa-cache-ttl", "1s"]).await;
+    add_pod(&b, "a", "reader", "127.0.0.141").await;
+    b.kube
+        .apply_service_account("apps", "reader", &[(ANN, ROLE_B)]);
+    wait_for(Duration::from_secs(10), || async {
+        matches!(b.agent.get("127.0.0.141", CREDS).await, Ok(r) if r.text() == "writer")
+    })
+    .await
+    .unwrap();
+    let c = b
+        .agent
+        .get("127.0.0.141", &format!("{CREDS}writer"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(c["Code"], "Success");
+    assert_eq!(b.sts.calls().last().unwrap().role_arn, ROLE_B);
+}
+
+#[tokio::test]
+async fn agent_recovers_from_an_expired_watch() {
+    let b = bed(&[]).await;
+    add_pod(&b, "before", "reader", "127.0.0.151").await;
+    let lists = b.kube.counters().pod_lists;
+    b.kube.expire_watches();
+    b.kube
+        .create_pod(pod("apps", "after", NODE, "writer", &["127.0.0.152"]));
+    wait_for(Duration::from_secs(20), || async {
+        matches!(b.agent.get("127.0.0.152", CREDS).await, Ok(r) if r.text() == "writer")
+    })
+    .await
+    .unwrap();
+    // The 410 makes the agent relist (after its backoff); it keeps serving meanwhile.
+    wait_for(Duration::from_secs(20), || async {
+        b.kube.counters().pod_lists > lists
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        b.agent.get("127.0.0.151", CREDS).await.unwrap().text(),
+        "reader"
+    );
+}
+
+#[tokio::test]
+async fn throttling_and_api_errors_are_retried() {
+    let b = bed(&[]).await;
+    b.sts.fail_next(1, testbed::sts::StsFault::Throttling);
+    b.kube.set_token_fault(Some(testbed::kube_api::Fault {
+        status: 500,
+        remaining: Some(1),
+    }));
+    b.kube
+        .create_pod(pod("apps", "flaky", NODE, "reader", &["127.0.0.161"]));
+    wait_for(Duration::from_secs(10), || async {
+        matches!(b.agent.get("127.0.0.161", &format!("{CREDS}reader")).await, Ok(r) if r.status == StatusCode::OK && r.text().contains("Success"))
+    })
+    .await
+    .unwrap();
+    assert!(b.sts.call_count() >= 2, "the throttled call was retried");
+}
+
+#[tokio::test]
+async fn hostile_http_gets_errors_and_the_agent_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = bed(&[]).await;
+    add_pod(&b, "a", "reader", "127.0.0.171").await;
+    let raw = |bytes: Vec<u8>| {
+        let to = b.agent.imds;
+        async move {
+            let mut s = tokio::net::TcpStream::connect(to).await.unwrap();
+            let _ = s.write_all(&bytes).await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    let huge = format!(
+        "GET {CREDS} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    assert!(
+        raw(huge.into_bytes()).await.starts_with("HTTP/1.1 431"),
+        "oversized head refused"
+    );
+    let garbage = raw(b"\x16\x03\x01\x00\xa5garbage\r\n\r\n".to_vec()).await;
+    assert!(
+        garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+        "{garbage:?}"
+    );
+    let bad_path = raw(
+        b"GET /latest/meta-data/iam/security-credentials/%00 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+    )
+    .await;
+    assert!(bad_path.starts_with("HTTP/1.1 404"), "{bad_path:?}");
+    let long = raw(format!(
+        "GET /latest/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "x".repeat(2000)
+    )
+    .into_bytes())
+    .await;
+    assert!(long.starts_with("HTTP/1.1 414"), "{long:?}");
+    let r = b.agent.get("127.0.0.171", CREDS).await.unwrap();
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (StatusCode::OK, "reader"),
+        "still serving"
+    );
+}

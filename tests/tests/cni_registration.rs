@@ -1,6 +1,7 @@
 //! CNI registrations against the real agent: the race at pod start and IP reuse (issue #4).
-//! The registration socket is driven exactly as the CNI hook drives it (one JSON line per
-//! connection); the hook binary itself is exercised in cni-hook's own tests and the netns suite.
+//! The race test runs the real `irsa-imds-cni` binary exactly as a container runtime does; the
+//! 10,000-cycle reuse test speaks the same socket protocol directly (one JSON line per
+//! connection) so it stays fast.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -102,12 +103,69 @@ async fn bed(tag: &str) -> Bed {
     }
 }
 
+fn cni_bin() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/irsa-imds-cni");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --workspace` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// CNI ADD through the real plugin binary, as the runtime runs it after the main plugin.
+async fn plugin_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
+    let conf = serde_json::json!({
+        "cniVersion": "0.4.0", "name": "aws-cni", "type": "irsa-imds-cni",
+        "agentSocket": sock, "timeoutMs": 2000, "failClosed": true,
+        "prevResult": {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
+                       "ips": [{"version": "4", "interface": 0, "address": format!("{ip}/32")}], "dns": {}}
+    });
+    let mut child = tokio::process::Command::new(cni_bin())
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", "/var/run/netns/x")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=apps;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={cid}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .await
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "ADD failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result, conf["prevResult"], "prevResult passed through");
+}
+
 /// With watch events 2 s late, every pod that registers through CNI ADD and asks at once gets its
 /// own role: no 404, no other role.
 #[tokio::test]
 async fn pod_start_race_is_closed_by_registration() {
     let b = bed("race").await;
     b.kube.set_watch_delay(Duration::from_secs(2));
+    // Control: without a registration the 2 s watch lag does bite (404 after the bounded wait).
+    b.kube
+        .create_pod(pod("apps", "unregistered", NODE, "alpha", &["127.2.0.1"]));
+    assert_eq!(
+        b.agent.get("127.2.0.1", CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
     let n = 1000;
     let mut wrong = 0;
     let mut missing = 0;
@@ -118,7 +176,7 @@ async fn pod_start_race_is_closed_by_registration() {
         let ip = format!("127.1.{}.{}", i / 250, 1 + i % 250);
         // The pod exists in the API before its sandbox (as with a real kubelet), with no IP yet.
         b.kube.create_pod(pod("apps", &name, NODE, sa, &[]));
-        add(&b.sock, &format!("sandbox{i}"), &name, &ip).await;
+        plugin_add(&b.sock, &format!("sandbox{i}"), &name, &ip).await;
         let r = b.agent.get(&ip, CREDS).await.unwrap();
         match (r.status == StatusCode::OK).then(|| r.text()) {
             Some(role) if role == format!("{sa}-role") => {}
