@@ -193,7 +193,8 @@ fn version_lists_what_real_nodes_use() {
 fn bad_input_gets_cni_errors_never_a_panic() {
     let agent = FakeAgent::start(r#"{"v":1,"ok":true}"#);
     let prev = sample("prevResult-0.4.0.json");
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u32)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u32);
+    let cases: Vec<Case> = vec![
         ("malformed json", POD_ENV.to_vec(), b"{not json".to_vec(), 6),
         ("not an object", POD_ENV.to_vec(), b"[1,2]".to_vec(), 6),
         ("empty stdin", POD_ENV.to_vec(), b"".to_vec(), 6),
