@@ -93,6 +93,19 @@ async fn bed(pods: usize, tag: &str) -> Bed {
 
 impl Bed {
     fn start_agent(&self) -> tokio::process::Child {
+        let host_mode = [
+            "--iptables",
+            "--host-interface",
+            "vethirsa+",
+            "--host-ip",
+            "10.77.255.1",
+            "--iptables-resync",
+            "1s",
+        ];
+        self.start_agent_with(&host_mode)
+    }
+
+    fn start_agent_with(&self, args: &[&str]) -> tokio::process::Child {
         let bin = agent_bin().unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -117,19 +130,8 @@ impl Bed {
                 "--kubeconfig",
                 self.dir.0.join("kubeconfig").to_str().unwrap(),
             ])
-            .args([
-                "--iptables",
-                "--host-interface",
-                &self.topo.host_interface_pattern(),
-            ])
-            .args([
-                "--host-ip",
-                &self.topo.node_ip().to_string(),
-                "--iptables-resync",
-                "1s",
-                "--log-format",
-                "text",
-            ])
+            .args(["--log-format", "text"])
+            .args(args)
             .env("AWS_REGION", "us-east-1")
             .env(
                 "AWS_ENDPOINT_URL_STS",
@@ -430,4 +432,113 @@ async fn redirect_rule_life_cycle_fails_closed() {
         (0, 0),
         "removed on SIGTERM:\n{rules}"
     );
+}
+
+fn cni_bin() -> PathBuf {
+    agent_bin().unwrap().with_file_name("irsa-imds-cni")
+}
+
+/// Per-pod mode: no host rule at all; the CNI hook's ADD installs the DNAT inside the pod's own
+/// namespace and registers the pod, and the old SDK gets its role through that.
+#[tokio::test]
+async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
+    let b = bed(1, "podmode").await;
+    let sock = b.dir.0.join("cni.sock");
+    let mut agent = b.start_agent_with(&["--cni-socket", sock.to_str().unwrap()]);
+    b.wait_ready().await;
+    assert_eq!(
+        count(&b.topo.node_nat_rules().unwrap(), "IRSA-IMDS"),
+        0,
+        "no host rule in per-pod mode"
+    );
+
+    let netns = format!("/var/run/netns/{}", b.topo.pod_ns(0));
+    let ip = b.topo.pod_ip(0).to_string();
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "irsa-imds-cni",
+        "agentSocket": sock, "podRedirect": true, "agentAddress": format!("{}:{AGENT_PORT}", b.topo.node_ip()),
+        "failClosed": true,
+        "prevResult": {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": netns}],
+                       "ips": [{"interface": 0, "address": format!("{ip}/32")}], "dns": {}}
+    });
+    let cni = |command: &'static str| {
+        let conf = conf.to_string();
+        let netns = netns.clone();
+        async move {
+            let mut child = tokio::process::Command::new(cni_bin())
+                .env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("CNI_COMMAND", command)
+                .env("CNI_CONTAINERID", "e2esandbox0")
+                .env("CNI_NETNS", &netns)
+                .env("CNI_IFNAME", "eth0")
+                .env("CNI_PATH", "/opt/cni/bin")
+                .env("CNI_ARGS", "K8S_POD_NAMESPACE=legacy;K8S_POD_NAME=app-0")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            use tokio::io::AsyncWriteExt;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(conf.as_bytes())
+                .await
+                .unwrap();
+            child.wait_with_output().await.unwrap()
+        }
+    };
+    let out = cni("ADD").await;
+    assert!(
+        out.status.success(),
+        "ADD: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pod_rules = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        b.topo.pod_ns(0),
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+        "OUTPUT",
+    ])
+    .unwrap();
+    assert_eq!(count(&pod_rules, "169.254.169.254"), 1, "{pod_rules}");
+    // A second ADD (runtime retry) does not stack rules.
+    assert!(cni("ADD").await.status.success());
+    let pod_rules = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        b.topo.pod_ns(0),
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+        "OUTPUT",
+    ])
+    .unwrap();
+    assert_eq!(count(&pod_rules, "169.254.169.254"), 1, "{pod_rules}");
+
+    let r = b.client(0, "legacy-boto").await;
+    assert_eq!(r["arn"], assumed(READER, 0), "{r}\n{}", b.agent_log());
+    assert!(cni("DEL").await.status.success());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), agent.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    assert!(!sock.exists(), "socket removed on shutdown");
 }
