@@ -95,25 +95,23 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
-    /// GETs `path` (already allow-listed) and returns the upstream status and body.
-    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamError> {
+    async fn get_once(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamError> {
         let token = self.session_token().await?;
         let req = Request::builder()
             .uri(format!("{}{}", self.base, path))
             .header(TOKEN_HEADER, token)
             .body(Empty::new())
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
-        let (status, body) = self.send(req).await?;
+        self.send(req).await
+    }
+
+    /// GETs `path` (already allow-listed) and returns the upstream status and body.
+    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamError> {
+        let (status, body) = self.get_once(path).await?;
         if status == StatusCode::UNAUTHORIZED {
             // The token went stale (the instance's IMDS restarted): one fresh try.
             *self.token.lock().await = None;
-            let token = self.session_token().await?;
-            let req = Request::builder()
-                .uri(format!("{}{}", self.base, path))
-                .header(TOKEN_HEADER, token)
-                .body(Empty::new())
-                .map_err(|e| UpstreamError::Request(e.to_string()))?;
-            return self.send(req).await;
+            return self.get_once(path).await;
         }
         Ok((status, body))
     }

@@ -77,7 +77,8 @@ struct WatchEvent {
     rv: u64,
     kind: &'static str,
     pod: Arc<Pod>,
-    at: tokio::time::Instant,
+    /// When watchers may see it: the event's time plus the injected watch delay.
+    deliver_at: tokio::time::Instant,
 }
 
 #[derive(Default)]
@@ -454,7 +455,7 @@ impl Inner {
             rv: w.rv,
             kind,
             pod: Arc::new(pod),
-            at: tokio::time::Instant::now(),
+            deliver_at: tokio::time::Instant::now() + w.watch_delay,
         };
         w.history.push_back(ev.clone());
         while w.history.len() > HISTORY {
@@ -627,7 +628,7 @@ impl Inner {
                 .min(3600),
         );
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
-        let (replay, mut live, from, delay, gone) = {
+        let (replay, mut live, from, gone) = {
             let w = lock(&self.world);
             let from: u64 = q
                 .get("resourceVersion")
@@ -638,7 +639,7 @@ impl Inner {
             let live = self.events.subscribe();
             let replay: Vec<WatchEvent> =
                 w.history.iter().filter(|e| e.rv > from).cloned().collect();
-            (replay, live, from, w.watch_delay, gone)
+            (replay, live, from, gone)
         };
         let mut expiry = self.expiry.subscribe();
         expiry.borrow_and_update();
@@ -683,8 +684,8 @@ impl Inner {
                     ev = live.recv() => match ev {
                         Ok(ev) if ev.rv <= last => {}
                         Ok(ev) => {
-                            // Injected lag: each event reaches watchers `delay` after it happened.
-                            tokio::time::sleep_until(ev.at + delay).await;
+                            // Injected lag: each event reaches watchers the watch delay after it happened.
+                            tokio::time::sleep_until(ev.deliver_at).await;
                             if let Some(b) = send(&ev, &mut last) && tx.send(b).await.is_err() { return; }
                         }
                         // Fell behind the broadcast: end the stream so the client resumes or relists.

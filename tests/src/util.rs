@@ -45,3 +45,41 @@ pub fn tokio_listener(l: std::net::TcpListener) -> std::io::Result<tokio::net::T
     l.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(l)
 }
+
+/// A directory under the system temp dir, removed on drop; unique per process and call.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> std::io::Result<TempDir> {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("irsa-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(TempDir(p))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Sends SIGTERM to a child and waits (bounded) for it to exit.
+pub async fn sigterm(
+    child: &mut tokio::process::Child,
+    within: std::time::Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let pid = child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("child already exited"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    Ok(tokio::time::timeout(within, child.wait()).await??)
+}

@@ -52,16 +52,7 @@ struct Bed {
     _up: FakeImds,
     agent: Agent,
     sock: std::path::PathBuf,
-    _dir: tempdir::Dir,
-}
-
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _dir: testbed::util::TempDir,
 }
 
 async fn bed(tag: &str) -> Bed {
@@ -71,8 +62,8 @@ async fn bed(tag: &str) -> Bed {
     for (sa, arn) in ROLES {
         kube.apply_service_account("apps", sa, &[(ANN, arn)]);
     }
-    let dir = std::env::temp_dir().join(format!("irsa-cni-{tag}-{}", std::process::id()));
-    let sock = dir.join("cni.sock");
+    let dir = testbed::util::TempDir::new(&format!("cni-{tag}")).unwrap();
+    let sock = dir.path().join("cni.sock");
     let exchange = Arc::new(
         irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
             .await,
@@ -99,7 +90,7 @@ async fn bed(tag: &str) -> Bed {
         _up: up,
         agent,
         sock,
-        _dir: tempdir::Dir(dir),
+        _dir: dir,
     }
 }
 

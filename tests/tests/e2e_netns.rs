@@ -42,16 +42,7 @@ struct Bed {
     kube: KubeApi,
     upstream: FakeImds,
     moto: Moto,
-    dir: tempdir::Dir,
-}
-
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    dir: testbed::util::TempDir,
 }
 
 /// Pods: 0 = reader role, 1 = writer role, 2 = no role, 3.. = reader role.
@@ -79,15 +70,16 @@ async fn bed(pods: usize, tag: &str) -> Bed {
         let ip = topo.pod_ip(i).to_string();
         kube.create_pod(pod("legacy", &format!("app-{i}"), NODE, sa, &[&ip]));
     }
-    let dir = std::env::temp_dir().join(format!("irsa-e2e-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("home")).unwrap();
-    kube.write_kubeconfig(&dir.join("kubeconfig")).unwrap();
+    let dir = testbed::util::TempDir::new(&format!("e2e-{tag}")).unwrap();
+    std::fs::create_dir_all(dir.path().join("home")).unwrap();
+    kube.write_kubeconfig(&dir.path().join("kubeconfig"))
+        .unwrap();
     Bed {
         topo,
         kube,
         upstream,
         moto,
-        dir: tempdir::Dir(dir),
+        dir,
     }
 }
 
@@ -175,10 +167,10 @@ impl Bed {
         let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients");
         let sts = format!("http://{}:{}", self.topo.node_ip(), self.moto.port());
         let (program, script, extra): (PathBuf, &str, Vec<(&str, String)>) = match kind {
-            "legacy-boto" => (testbed::deps::legacy_python(), "legacy_boto.py", vec![]),
+            "legacy-boto" => (testbed::deps::legacy_python(), "boto_client.py", vec![]),
             "current-boto" => (
                 testbed::deps::moto_python(),
-                "current_boto.py",
+                "boto_client.py",
                 vec![("AWS_EC2_METADATA_V1_DISABLED", "true".into())],
             ),
             "legacy-js" => (
@@ -271,14 +263,8 @@ async fn old_and_current_sdks_get_their_own_pods_role_through_the_redirect() {
     let tr = b.kube.token_requests();
     assert!(tr.iter().all(|t| t.bound_pod_name.starts_with("app-")));
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.wait())
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
         .await
-        .unwrap()
         .unwrap();
     assert!(
         status.success(),
@@ -416,14 +402,8 @@ async fn redirect_rule_life_cycle_fails_closed() {
     );
 
     // SIGTERM: the rule and the jump go, exit 0.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.wait())
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
         .await
-        .unwrap()
         .unwrap();
     assert!(status.success(), "{status}\n{}", b.agent_log());
     let rules = b.topo.node_nat_rules().unwrap();
@@ -530,14 +510,8 @@ async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
     assert_eq!(r["arn"], assumed(READER, 0), "{r}\n{}", b.agent_log());
     assert!(cni("DEL").await.status.success());
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id().unwrap() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.wait())
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
         .await
-        .unwrap()
         .unwrap();
     assert!(status.success());
     assert!(!sock.exists(), "socket removed on shutdown");

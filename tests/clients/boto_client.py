@@ -1,6 +1,8 @@
-"""A pod's workload with botocore 1.12.199 (boto3 1.9.199): the last release before web
-identity, IMDSv1 only. Finds credentials through the SDK's default chain (which ends at
-169.254.169.254), then asks STS who it is. Prints one JSON line; never a secret."""
+"""A pod's workload with botocore: run by the legacy venv (botocore 1.12.199, the last release
+before web identity, IMDSv1 only) or by the current one (IMDSv2; the test sets
+AWS_EC2_METADATA_V1_DISABLED=true so only IMDSv2 can succeed). Finds credentials through the
+SDK's default chain (which ends at 169.254.169.254), then asks STS who it is. Prints one JSON
+line; never a secret."""
 import json
 import sys
 
