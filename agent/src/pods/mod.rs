@@ -293,6 +293,20 @@ impl PodIndex {
             let p = st.pods.remove(uid)?;
             st.unindex_pod(&p);
             st.clear_revocations(&(p.namespace.clone(), p.name.clone()));
+            // A DEL that never came (runtime crash, node reboot): the registration of a pod the
+            // API has deleted goes with it. Only one confirmed as this very pod: a new pod of
+            // the same name may already have registered while the watch lagged.
+            let stale: Vec<String> = st
+                .regs
+                .iter()
+                .filter(|(_, (_, c))| c.as_ref().is_some_and(|c| c.uid == p.uid))
+                .map(|(cid, _)| cid.clone())
+                .collect();
+            for cid in stale {
+                if let Some((reg, _)) = st.regs.remove(&cid) {
+                    unindex_reg(&mut st, &reg);
+                }
+            }
             Some(p)
         };
         self.notify();
@@ -331,7 +345,9 @@ impl PodIndex {
         self.lock().pods.len()
     }
 
-    /// A CNI ADD: the IPs belong to this pod until its DEL.
+    /// A CNI ADD: the IPs belong to this pod until its DEL. IPAM hands out an address only once
+    /// its previous holder is gone, so an ADD supersedes an older registration of the same IP
+    /// whose DEL was lost; that older pod is revoked on the IP, exactly as if its DEL had come.
     pub fn register(&self, reg: Registration) {
         {
             let mut st = self.lock();
@@ -339,6 +355,26 @@ impl PodIndex {
             st.clear_revocations(&key);
             if let Some((old, _)) = st.regs.remove(&reg.container_id) {
                 unindex_reg(&mut st, &old);
+            }
+            for ip in &reg.ips {
+                let holders: Vec<String> = st.reg_by_ip.get(ip).cloned().unwrap_or_default();
+                for cid in holders {
+                    let Some((old, _)) = st.regs.get_mut(&cid) else {
+                        continue;
+                    };
+                    old.ips.retain(|i| i != ip);
+                    let (old_key, empty) = (
+                        (old.namespace.clone(), old.name.clone()),
+                        old.ips.is_empty(),
+                    );
+                    if empty {
+                        st.regs.remove(&cid);
+                    }
+                    st.reg_by_ip.remove(ip);
+                    if old_key != key {
+                        st.revoked.entry(*ip).or_default().insert(old_key);
+                    }
+                }
             }
             for ip in &reg.ips {
                 st.reg_by_ip
@@ -547,13 +583,33 @@ mod tests {
     }
 
     #[test]
-    fn two_registrations_for_one_ip_are_refused() {
+    fn a_new_add_supersedes_a_registration_whose_del_was_lost() {
         let idx = PodIndex::new();
-        idx.register(reg("c1", "a", &["10.0.0.1"]));
+        idx.upsert(pod("u1", "a", "sa", &["10.0.0.1"]));
+        idx.register(reg("c1", "a", &["10.0.0.1", "10.0.0.9"]));
         idx.register(reg("c2", "b", &["10.0.0.1"]));
-        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Ambiguous);
+        // The new sandbox owns the IP; the old pod never matches it again, even from the watch.
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Pending);
+        idx.confirm("c2", pod("u2", "b", "sa", &[]));
+        assert_eq!(uid_at(&idx, "10.0.0.1").as_deref(), Some("u2"));
+        assert!(
+            idx.is_registered("c1", &[ip("10.0.0.9")]),
+            "its other IP is untouched"
+        );
         assert!(idx.unregister("c1").is_some());
         assert!(idx.unregister("c1").is_none(), "DEL is idempotent");
+        assert_eq!(uid_at(&idx, "10.0.0.1").as_deref(), Some("u2"));
+    }
+
+    #[test]
+    fn a_deleted_pods_registration_goes_with_it() {
+        let idx = PodIndex::new();
+        idx.register(reg("c1", "a", &["10.0.0.1"]));
+        idx.confirm("c1", pod("u1", "a", "sa", &[]));
+        idx.upsert(pod("u1", "a", "sa", &["10.0.0.1"]));
+        idx.remove("u1");
+        assert!(!idx.is_registered("c1", &[ip("10.0.0.1")]));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
     }
 
     #[test]
