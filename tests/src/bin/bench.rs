@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Method, StatusCode};
+use http::StatusCode;
 use testbed::fake_imds::FakeImds;
 use testbed::harness::{Agent, NODE, wait_for};
 use testbed::kube_api::{KubeApi, pod};
