@@ -18,9 +18,10 @@ cargo build --workspace --all-targets --locked
 
 echo "== tests"
 # Suites run one binary at a time; tests inside a binary run in parallel.
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-4}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
 
 echo "== demo check"
-cargo run -q -p irsa-imds-testbed --bin demo --locked -- --check
+# The binary the workspace build made (a `cargo run -p` would rebuild with other features).
+"${CARGO_TARGET_DIR:-target}/debug/demo" --check
 
 echo "all green"
