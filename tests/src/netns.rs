@@ -3,7 +3,7 @@
 //! gateway answered by proxy ARP). Everything happens inside namespaces this module creates and
 //! removes, even when a test fails: the machine's own namespace and netfilter are never touched.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -66,8 +66,9 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// One node namespace and `pods` pod namespaces. Pod i has 10.77.0.(10+i)/32 on eth0; the
-    /// node has 10.77.255.1 on lo and a veth `vethirsa<i>` per pod.
+    /// One node namespace and `pods` pod namespaces, dual stack. Pod i has 10.77.0.(10+i)/32 and
+    /// fd00:77::(10+i)/128 on eth0; the node has 10.77.255.1 and fd00:77::ffff on lo and a veth
+    /// `vethirsa<i>` per pod.
     pub fn new(pods: usize) -> anyhow::Result<Topology> {
         require_root()?;
         anyhow::ensure!(pods <= 200, "at most 200 pods");
@@ -116,6 +117,9 @@ impl Topology {
             "-qw",
             "net.ipv4.conf.default.rp_filter=0",
         ])?;
+        // Dual stack: the node's IPv6 address, the DNAT target for [fd00:ec2::254]:80.
+        let node6 = format!("{}/128", t.node_ip6());
+        sh(&["ip", "-n", &n, "addr", "add", &node6, "dev", "lo"])?;
         for i in 0..pods {
             let p = format!("{id}-pod{i}");
             sh(&["ip", "netns", "add", &p])?;
@@ -192,6 +196,24 @@ impl Topology {
                 "dev",
                 "eth0",
             ])?;
+            // IPv6: a /128 per pod, the node side of the veth as the pod's link-local gateway.
+            let ip6 = format!("{}/128", t.pod_ip6(i));
+            sh(&[
+                "ip",
+                "-n",
+                &n,
+                "addr",
+                "add",
+                "fe80::1/64",
+                "dev",
+                &veth,
+                "nodad",
+            ])?;
+            sh(&["ip", "-n", &n, "-6", "route", "add", &ip6, "dev", &veth])?;
+            sh(&["ip", "-n", &p, "addr", "add", &ip6, "dev", "eth0", "nodad"])?;
+            sh(&[
+                "ip", "-n", &p, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+            ])?;
         }
         Ok(t)
     }
@@ -210,6 +232,14 @@ impl Topology {
 
     pub fn node_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 77, 255, 1)
+    }
+
+    pub fn pod_ip6(&self, i: usize) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 10 + i as u16)
+    }
+
+    pub fn node_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 0xffff)
     }
 
     pub fn host_interface_pattern(&self) -> String {

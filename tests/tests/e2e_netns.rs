@@ -106,12 +106,13 @@ impl Bed {
             .unwrap();
         self.topo
             .exec_in(self.topo.node_ns(), bin.to_str().unwrap())
-            .args([
-                "--node-name",
-                NODE,
-                "--listen",
-                &format!("0.0.0.0:{AGENT_PORT}"),
-            ])
+            .args(["--node-name", NODE])
+            // The caller's --listen (e.g. dual stack) replaces the default.
+            .args(if args.contains(&"--listen") {
+                vec![]
+            } else {
+                vec!["--listen".to_string(), format!("0.0.0.0:{AGENT_PORT}")]
+            })
             .args([
                 "--ops-listen",
                 &format!("127.0.0.1:{OPS_PORT}"),
@@ -163,6 +164,10 @@ impl Bed {
     /// Runs a client script in pod `i` with a clean environment: no AWS settings, an empty home,
     /// no endpoint override for IMDS. Returns its JSON line.
     async fn client(&self, i: usize, kind: &str) -> Value {
+        self.client_with(i, kind, &[]).await
+    }
+
+    async fn client_with(&self, i: usize, kind: &str, env: &[(&str, &str)]) -> Value {
         let deps = testbed::deps::deps_dir();
         let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients");
         let sts = format!("http://{}:{}", self.topo.node_ip(), self.moto.port());
@@ -194,6 +199,9 @@ impl Bed {
             .arg("AWS_CONFIG_FILE=/nonexistent/config")
             .arg("AWS_SHARED_CREDENTIALS_FILE=/nonexistent/credentials");
         for (k, v) in &extra {
+            cmd.arg(format!("{k}={v}"));
+        }
+        for (k, v) in env {
             cmd.arg(format!("{k}={v}"));
         }
         cmd.arg(&program).arg(scripts.join(script)).arg(&sts);
@@ -515,4 +523,83 @@ async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
         .unwrap();
     assert!(status.success());
     assert!(!sock.exists(), "socket removed on shutdown");
+}
+
+/// IPv6: `[fd00:ec2::254]:80` is redirected by ip6tables (`--host-ipv6`), the pod is identified
+/// by its IPv6 address, and current boto3 in IPv6 endpoint mode gets the pod's role.
+#[tokio::test]
+async fn ipv6_pod_gets_its_role_through_the_ip6tables_redirect() {
+    let b = bed(1, "v6").await;
+    let v4 = b.topo.pod_ip(0).to_string();
+    let v6 = b.topo.pod_ip6(0).to_string();
+    // Dual-stack pod: the API lists both addresses.
+    b.kube.delete_pod("legacy", "app-0");
+    b.kube
+        .create_pod(pod("legacy", "app-0", NODE, "reader", &[&v4, &v6]));
+    let pattern = b.topo.host_interface_pattern();
+    let (ip4, ip6) = (b.topo.node_ip().to_string(), b.topo.node_ip6().to_string());
+    let mut agent = b.start_agent_with(&[
+        "--listen",
+        &format!("[::]:{AGENT_PORT}"),
+        "--iptables",
+        "--host-interface",
+        &pattern,
+        "--host-ip",
+        &ip4,
+        "--host-ipv6",
+        &ip6,
+    ]);
+    b.wait_ready().await;
+    let rules6 = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        b.topo.node_ns(),
+        "ip6tables",
+        "-t",
+        "nat",
+        "-S",
+    ])
+    .unwrap();
+    assert_eq!(
+        count(&rules6, "-A IRSA-IMDS -d fd00:ec2::254/128"),
+        1,
+        "{rules6}"
+    );
+    let r = b
+        .client_with(
+            0,
+            "current-boto",
+            &[("AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE", "IPv6")],
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}\n{}", b.agent_log());
+    assert_eq!(r["arn"], assumed(READER, 0));
+    assert!(
+        b.agent_log().contains(&format!("source_ip={v6}")),
+        "identified by its IPv6 address:\n{}",
+        b.agent_log()
+    );
+    // Old SDKs on the same pod still come in over IPv4.
+    assert_eq!(b.client(0, "legacy-boto").await["arn"], assumed(READER, 0));
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+    let rules6 = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        b.topo.node_ns(),
+        "ip6tables",
+        "-t",
+        "nat",
+        "-S",
+    ])
+    .unwrap();
+    assert_eq!(
+        count(&rules6, "IRSA-IMDS"),
+        0,
+        "removed on SIGTERM:\n{rules6}"
+    );
 }
