@@ -84,6 +84,8 @@ pub enum RegistrationError {
     Invalid { field: &'static str, reason: String },
     #[error("sandbox {0} is not registered with these IPs")]
     NotRegistered(String),
+    #[error("peer uid {0} may not register pods (only root or the agent's own user)")]
+    Forbidden(u32),
 }
 
 /// Parses and validates one request line. Pure, so hostile input is unit-tested.
@@ -266,6 +268,13 @@ async fn handle(
     index: &PodIndex,
     on_op: &(dyn Fn(&Op, bool) + Send + Sync),
 ) -> std::io::Result<()> {
+    // Defence in depth beside the socket's 0600 mode: only root (the runtime running the CNI
+    // hook) or the agent's own user may speak.
+    let peer = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let own = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0);
+    let allowed = peer == 0 || peer == own;
     let (r, mut w) = stream.into_split();
     let mut line = Vec::new();
     let read = tokio::time::timeout(
@@ -281,6 +290,7 @@ async fn handle(
         Ok(Ok(_)) if line.len() as u64 > MAX_MESSAGE => Err(RegistrationError::Malformed(format!(
             "request larger than {MAX_MESSAGE} bytes"
         ))),
+        Ok(Ok(_)) if !allowed => Err(RegistrationError::Forbidden(peer)),
         Ok(Ok(_)) => parse(line.strip_suffix(b"\n").unwrap_or(&line)).and_then(|op| {
             let r = apply(index, &op);
             on_op(&op, r.is_ok());
@@ -417,6 +427,67 @@ mod tests {
         stop.cancel();
         task.await.unwrap();
         assert!(!path.exists(), "socket removed on shutdown");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Defence in depth: even with the socket opened up, a non-root peer is refused.
+    #[tokio::test]
+    async fn non_root_peers_are_refused() {
+        let root = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap_or(1)
+            == 0;
+        if !root
+            || !Path::new("/usr/bin/setpriv").exists()
+            || !Path::new("/usr/bin/python3").exists()
+        {
+            eprintln!("skipped: needs root, setpriv and /usr/bin/python3");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("irsa-peer-{}", std::process::id()));
+        let path = dir.join("cni.sock");
+        let listener = bind(&path).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let index = Arc::new(PodIndex::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            index.clone(),
+            Arc::new(|_: &Op, _| {}),
+            stop.clone(),
+        ));
+        let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode()+b'\\n')\nprint(s.recv(4096).decode())";
+        let add = r#"{"v":1,"op":"add","containerId":"c1","namespace":"ns","name":"p","ips":["10.1.0.9"]}"#;
+        let out = tokio::process::Command::new("/usr/bin/setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+                script,
+            ])
+            .arg(&path)
+            .arg(add)
+            .output()
+            .await
+            .unwrap();
+        let reply = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            reply.contains("\"ok\":false") && reply.contains("peer uid 65534"),
+            "{reply} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            index.lookup("10.1.0.9".parse().unwrap()),
+            super::super::Lookup::Unknown,
+            "nothing registered"
+        );
+        stop.cancel();
+        task.await.unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 }
