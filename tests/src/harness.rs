@@ -37,8 +37,21 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent with `--node-name node-1`, listeners on 127.0.0.1:0, the given STS, and
-    /// `args` appended to the command line (e.g. `["--imds-v2", "required"]`).
+    /// `args` appended to the command line (e.g. `["--imds-v2", "required"]`); returns once it
+    /// is ready.
     pub async fn start(
+        kube: &KubeApi,
+        sts: Arc<dyn RoleExchange>,
+        upstream: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Agent> {
+        let agent = Self::spawn(kube, sts, upstream, args).await?;
+        agent.wait_ready(Duration::from_secs(20)).await?;
+        Ok(agent)
+    }
+
+    /// Like [`start`](Self::start) without waiting for readiness.
+    pub async fn spawn(
         kube: &KubeApi,
         sts: Arc<dyn RoleExchange>,
         upstream: &str,
@@ -81,18 +94,25 @@ impl Agent {
             stop: Some(tx),
             task: Some(task),
         };
-        agent.wait_ready(Duration::from_secs(20)).await?;
         Ok(agent)
     }
 
     /// Waits until `/readyz` says 200 (the pod index synced).
     pub async fn wait_ready(&self, within: Duration) -> anyhow::Result<()> {
-        let src: IpAddr = "127.0.0.1".parse()?;
         wait_for(within, || async {
-            matches!(request(self.ops, src, Method::GET, "/readyz", &[]).await, Ok(r) if r.status == StatusCode::OK)
+            self.ready().await == Some(StatusCode::OK)
         })
         .await
         .context("agent never became ready")
+    }
+
+    /// What `/readyz` answers now.
+    pub async fn ready(&self) -> Option<StatusCode> {
+        let src: IpAddr = "127.0.0.1".parse().ok()?;
+        request(self.ops, src, Method::GET, "/readyz", &[])
+            .await
+            .ok()
+            .map(|r| r.status)
     }
 
     /// Sends SIGTERM's equivalent and waits for a clean exit.

@@ -43,6 +43,8 @@ pub struct Fault {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Pod list requests, injected failures included.
+    pub pod_list_attempts: u64,
     pub pod_lists: u64,
     pub pod_watches: u64,
     pub pod_gets: u64,
@@ -103,7 +105,7 @@ struct Inner {
     events: broadcast::Sender<WatchEvent>,
     expiry: tokio::sync::watch::Sender<u64>,
     key: ring::hmac::Key,
-    counters: [AtomicU64; 7],
+    counters: [AtomicU64; 8],
     addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -120,6 +122,7 @@ fn lock(m: &Mutex<World>) -> MutexGuard<'_, World> {
 }
 
 enum C {
+    PodListAttempts,
     PodLists,
     PodWatches,
     PodGets,
@@ -294,6 +297,7 @@ impl KubeApi {
     pub fn counters(&self) -> Counters {
         let c = |i: C| self.inner.counters[i as usize].load(Ordering::SeqCst);
         Counters {
+            pod_list_attempts: c(C::PodListAttempts),
             pod_lists: c(C::PodLists),
             pod_watches: c(C::PodWatches),
             pod_gets: c(C::PodGets),
@@ -577,10 +581,13 @@ impl Inner {
         if !terms.iter().any(|t| t.field == "spec.nodeName" && t.equal) {
             self.count(C::ClusterWide);
         }
+        let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+        if !watch {
+            self.count(C::PodListAttempts);
+        }
         if let Some(code) = take_fault(&mut lock(&self.world).list_fault) {
             return status(code, "InternalError", "injected list fault");
         }
-        let watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
         if watch {
             self.count(C::PodWatches);
             return self.watch(ns.map(String::from), terms, q);

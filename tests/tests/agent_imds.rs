@@ -732,3 +732,47 @@ async fn hostile_http_gets_errors_and_the_agent_keeps_serving() {
         "still serving"
     );
 }
+
+#[tokio::test]
+async fn not_ready_until_the_pod_list_succeeds() {
+    let kube = KubeApi::start().await.unwrap();
+    let sts = StsEmulator::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    kube.apply_service_account("apps", "reader", &[(ANN, ROLE_A)]);
+    kube.create_pod(pod("apps", "a", NODE, "reader", &["127.0.0.181"]));
+    kube.set_list_fault(Some(testbed::kube_api::Fault {
+        status: 500,
+        remaining: None,
+    }));
+    let exchange = Arc::new(
+        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
+            .await,
+    );
+    let agent = Agent::spawn(&kube, exchange, &upstream.url(), &[])
+        .await
+        .unwrap();
+    // The agent has tried (and failed) to list at least twice: still not ready, serves nothing.
+    wait_for(Duration::from_secs(20), || async {
+        kube.counters().cluster_wide_pod_requests == 0 && kube_list_attempts(&kube) >= 2
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", kube.counters()));
+    assert_eq!(agent.ready().await, Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(
+        agent.get("127.0.0.181", CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    kube.set_list_fault(None);
+    let r = agent.wait_ready(Duration::from_secs(30)).await;
+    assert!(r.is_ok(), "{:?} {:?}", kube.counters(), agent.ready().await);
+    wait_for(Duration::from_secs(10), || async {
+        matches!(agent.get("127.0.0.181", CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+}
+
+/// Pod list requests the emulator answered (failed ones included).
+fn kube_list_attempts(kube: &KubeApi) -> u64 {
+    kube.counters().pod_list_attempts
+}

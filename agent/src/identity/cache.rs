@@ -21,6 +21,9 @@ use crate::telemetry::Metrics;
 
 /// Credentials this close to expiry are never served: clocks differ and a request takes time.
 pub const EXPIRY_SKEW: Duration = Duration::from_secs(60);
+/// When STS hands out sessions shorter than 30 minutes (a role's limit, role chaining), a set
+/// this young is served as it is instead of refetched on every request.
+const SHORT_SESSION_GRACE: Duration = Duration::from_secs(5 * 60);
 /// Retries of one exchange before the error is reported (the request is waiting).
 const MAX_ATTEMPTS: u32 = 3;
 const RETRY_BASE: Duration = Duration::from_millis(100);
@@ -168,9 +171,13 @@ impl CredentialCache {
     /// when they are due for one.
     fn servable(self: &Arc<Self>, slot: &Arc<Slot>) -> Option<Credentials> {
         let c = slot.current()?;
-        let left = remaining(&c, self.clock.now());
+        let now = self.clock.now();
+        let left = remaining(&c, now);
         if left <= MIN_SERVED_REMAINING {
-            return None;
+            let young = now
+                .duration_since(c.issued_at)
+                .is_ok_and(|age| age < SHORT_SESSION_GRACE);
+            return (young && left > EXPIRY_SKEW).then_some(c);
         }
         if left <= self.settings.refresh_at_remaining {
             let this = self.clone();
@@ -250,10 +257,12 @@ impl CredentialCache {
         let Ok(_guard) = slot.fetch.try_lock() else {
             return;
         };
-        if slot
-            .current()
-            .is_some_and(|c| remaining(&c, now) > self.settings.refresh_at_remaining)
-        {
+        if slot.current().is_some_and(|c| {
+            remaining(&c, now) > self.settings.refresh_at_remaining
+                || now
+                    .duration_since(c.issued_at)
+                    .is_ok_and(|age| age < SHORT_SESSION_GRACE)
+        }) {
             return;
         }
         if self.fetch(slot).await.is_err() {
@@ -417,6 +426,7 @@ mod tests {
         failures: Mutex<Vec<IdentityError>>,
         down: std::sync::atomic::AtomicBool,
         sessions: Mutex<Vec<String>>,
+        lifetime: Mutex<Duration>,
     }
     impl RoleExchange for FakeSts {
         fn assume<'a>(
@@ -428,6 +438,7 @@ mod tests {
             let fail = lock(&self.failures).pop();
             let down = self.down.load(Ordering::SeqCst);
             let now = self.clock.now();
+            let lifetime = *lock(&self.lifetime);
             Box::pin(async move {
                 if down {
                     return Err(IdentityError::StsUnavailable {
@@ -442,7 +453,7 @@ mod tests {
                     access_key_id: format!("ASIA{n}"),
                     secret_access_key: Secret::new("s"),
                     session_token: Secret::new("t"),
-                    expiration: now + Duration::from_secs(3600),
+                    expiration: now + lifetime,
                     issued_at: now,
                 })
             })
@@ -469,6 +480,7 @@ mod tests {
             failures: Mutex::new(vec![]),
             down: false.into(),
             sessions: Mutex::new(vec![]),
+            lifetime: Mutex::new(Duration::from_secs(3600)),
         });
         let settings = CacheSettings {
             duration: Duration::from_secs(3600),
@@ -637,5 +649,28 @@ mod tests {
             "{:?}",
             t0.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_sessions_are_not_refetched_on_every_request() {
+        let b = bed();
+        *lock(&b.sts.lifetime) = Duration::from_secs(20 * 60);
+        for _ in 0..50 {
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+        }
+        assert_eq!(
+            b.cache.refresh_due().await,
+            1,
+            "due, but too young to refresh"
+        );
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+        b.clock.advance(Duration::from_secs(6 * 60));
+        let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+        assert_eq!(
+            b.sts.calls.load(Ordering::SeqCst),
+            2,
+            "refetched once the grace passed"
+        );
+        assert!(remaining(&c, b.clock.now()) > Duration::from_secs(19 * 60));
     }
 }
