@@ -776,3 +776,61 @@ async fn not_ready_until_the_pod_list_succeeds() {
 fn kube_list_attempts(kube: &KubeApi) -> u64 {
     kube.counters().pod_list_attempts
 }
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    let b = bed(&[]).await;
+    b.sts.set_latency(Duration::from_millis(1500));
+    b.kube
+        .create_pod(pod("apps", "slow", NODE, "reader", &["127.0.0.191"]));
+    // Known to the agent (token issued to the pod) before the slow credential request starts.
+    wait_for(Duration::from_secs(10), || async {
+        let Ok(tok) = b.agent.token("127.0.0.191", 60).await else {
+            return false;
+        };
+        let r = request(
+            b.agent.imds,
+            "127.0.0.191".parse().unwrap(),
+            Method::GET,
+            "/latest/meta-data/iam/info",
+            &[("x-aws-ec2-metadata-token", &tok)],
+        )
+        .await;
+        matches!(r, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+    let found = |m: &irsa_imds_agent::telemetry::Metrics| {
+        m.encode()
+            .lines()
+            .find(|l| l.starts_with("irsa_imds_pod_lookups_total{result=\"found\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = found(&b.agent.metrics);
+    let to = b.agent.imds;
+    let in_flight = tokio::spawn(async move {
+        request(
+            to,
+            "127.0.0.191".parse().unwrap(),
+            Method::GET,
+            &format!("{CREDS}reader"),
+            &[],
+        )
+        .await
+    });
+    // The request has been identified and waits on the slow STS call when shutdown starts.
+    wait_for(Duration::from_secs(10), || async {
+        found(&b.agent.metrics) > before
+    })
+    .await
+    .unwrap();
+    assert!(b.sts.call_count() >= 1);
+    b.agent.stop().await.unwrap();
+    let r = in_flight.await.unwrap().unwrap();
+    assert_eq!(r.status, StatusCode::OK, "drained, not cut: {}", r.text());
+    assert!(
+        tokio::net::TcpStream::connect(to).await.is_err(),
+        "no new connections"
+    );
+}
