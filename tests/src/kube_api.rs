@@ -173,6 +173,8 @@ impl KubeApi {
     }
 
     pub fn client(&self) -> kube::Client {
+        // Building a kube client needs the process-wide rustls provider, even for plain http.
+        crate::harness::install_crypto();
         let uri: http::Uri = self.url().parse().expect("emulator url is a valid URI");
         let mut cfg = kube::Config::new(uri);
         cfg.default_namespace = "default".into();
