@@ -90,33 +90,9 @@ impl Topology {
         // The pods' link-local gateway (Calico and the VPC CNI use one): a node address, so the
         // node answers ARP for it on every veth.
         sh(&["ip", "-n", &n, "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.conf.all.rp_filter=0",
-        ])?;
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n,
-            "sysctl",
-            "-qw",
-            "net.ipv4.conf.default.rp_filter=0",
-        ])?;
+        sysctl(&n, "net.ipv4.ip_forward=1")?;
+        sysctl(&n, "net.ipv4.conf.all.rp_filter=0")?;
+        sysctl(&n, "net.ipv4.conf.default.rp_filter=0")?;
         // Dual stack: the node's IPv6 address, the DNAT target for [fd00:ec2::254]:80.
         let node6 = format!("{}/128", t.node_ip6());
         sh(&["ip", "-n", &n, "addr", "add", &node6, "dev", "lo"])?;
@@ -132,24 +108,8 @@ impl Topology {
                 "netns", &p,
             ])?;
             sh(&["ip", "-n", &n, "link", "set", &veth, "up"])?;
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &n,
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{veth}.proxy_arp=1"),
-            ])?;
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &n,
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{veth}.rp_filter=0"),
-            ])?;
+            sysctl(&n, &format!("net.ipv4.conf.{veth}.proxy_arp=1"))?;
+            sysctl(&n, &format!("net.ipv4.conf.{veth}.rp_filter=0"))?;
             sh(&[
                 "ip",
                 "-n",
@@ -282,6 +242,11 @@ impl Drop for Topology {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
     }
+}
+
+/// Sets a sysctl inside namespace `ns`.
+fn sysctl(ns: &str, setting: &str) -> anyhow::Result<()> {
+    sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", setting]).map(|_| ())
 }
 
 /// Runs `f` on a short-lived thread that has entered `ns`; the calling thread is untouched.

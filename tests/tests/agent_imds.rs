@@ -47,6 +47,21 @@ async fn bed(args: &[&str]) -> Bed {
     }
 }
 
+/// The credential JSON pod `ip` is served for `role`.
+async fn creds_json(b: &Bed, ip: &str, role: &str) -> serde_json::Value {
+    b.agent
+        .get(ip, &format!("{CREDS}{role}"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+/// The status pod `ip` gets for `path`.
+async fn status_of(b: &Bed, ip: &str, path: &str) -> StatusCode {
+    b.agent.get(ip, path).await.unwrap().status
+}
+
 /// Creates a running pod of this node with a role and waits until the agent identifies it.
 /// (A pod without a role cannot be waited on this way: create it before one that has a role;
 /// the watch delivers in order.)
@@ -140,36 +155,16 @@ async fn two_pods_two_roles_and_a_pod_without_role_gets_none() {
         .create_pod(pod("apps", "c", NODE, "plain", &["127.0.0.23"]));
     add_pod(&b, "a", "reader", "127.0.0.21").await;
     add_pod(&b, "b", "writer", "127.0.0.22").await;
-    let a = b
-        .agent
-        .get("127.0.0.21", &format!("{CREDS}reader"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
-    let w = b
-        .agent
-        .get("127.0.0.22", &format!("{CREDS}writer"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let a = creds_json(&b, "127.0.0.21", "reader").await;
+    let w = creds_json(&b, "127.0.0.22", "writer").await;
     assert_ne!(a["AccessKeyId"], w["AccessKeyId"]);
     // Each pod sees only its own role.
     assert_eq!(
-        b.agent
-            .get("127.0.0.21", &format!("{CREDS}writer"))
-            .await
-            .unwrap()
-            .status,
+        status_of(&b, "127.0.0.21", &format!("{CREDS}writer")).await,
         StatusCode::NOT_FOUND
     );
     assert_eq!(
-        b.agent
-            .get("127.0.0.22", &format!("{CREDS}reader"))
-            .await
-            .unwrap()
-            .status,
+        status_of(&b, "127.0.0.22", &format!("{CREDS}reader")).await,
         StatusCode::NOT_FOUND
     );
     // The pod without a role: nothing, and never the node's role.
@@ -214,7 +209,7 @@ async fn host_network_pod_is_never_identified() {
     b.kube.create_pod(p);
     add_pod(&b, "marker", "reader", "127.0.0.32").await; // the watch has passed the hostNetwork pod
     assert_eq!(
-        b.agent.get("127.0.0.31", CREDS).await.unwrap().status,
+        status_of(&b, "127.0.0.31", CREDS).await,
         StatusCode::NOT_FOUND
     );
 }
@@ -326,7 +321,7 @@ async fn imdsv2_required_refuses_tokenless_gets() {
     .unwrap();
     let token = b.agent.token("127.0.0.51", 60).await.unwrap();
     assert_eq!(
-        b.agent.get("127.0.0.51", CREDS).await.unwrap().status,
+        status_of(&b, "127.0.0.51", CREDS).await,
         StatusCode::UNAUTHORIZED
     );
     let r = request(
@@ -367,7 +362,7 @@ async fn methods_paths_and_node_secrets() {
         "/latest/meta-data/local-ipv4",
     ] {
         assert_eq!(
-            b.agent.get("127.0.0.61", p).await.unwrap().status,
+            status_of(&b, "127.0.0.61", p).await,
             StatusCode::NOT_FOUND,
             "{p}"
         );
@@ -488,13 +483,7 @@ async fn pod_is_prefetched_before_its_first_request() {
 async fn deleted_pod_is_forgotten_and_its_ip_reused_by_another_role_gets_only_that_role() {
     let b = bed(&[]).await;
     add_pod(&b, "old", "reader", "127.0.0.101").await;
-    let old = b
-        .agent
-        .get("127.0.0.101", &format!("{CREDS}reader"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let old = creds_json(&b, "127.0.0.101", "reader").await;
     b.kube.delete_pod("apps", "old");
     wait_for(Duration::from_secs(10), || async {
         matches!(b.agent.get("127.0.0.101", CREDS).await, Ok(r) if r.status == StatusCode::NOT_FOUND)
@@ -504,20 +493,10 @@ async fn deleted_pod_is_forgotten_and_its_ip_reused_by_another_role_gets_only_th
     add_pod(&b, "new", "writer", "127.0.0.101").await;
     let listing = b.agent.get("127.0.0.101", CREDS).await.unwrap();
     assert_eq!(listing.text(), "writer");
-    let new = b
-        .agent
-        .get("127.0.0.101", &format!("{CREDS}writer"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let new = creds_json(&b, "127.0.0.101", "writer").await;
     assert_ne!(new["AccessKeyId"], old["AccessKeyId"]);
     assert_eq!(
-        b.agent
-            .get("127.0.0.101", &format!("{CREDS}reader"))
-            .await
-            .unwrap()
-            .status,
+        status_of(&b, "127.0.0.101", &format!("{CREDS}reader")).await,
         StatusCode::NOT_FOUND
     );
     let last = b.sts.calls().pop().unwrap();
@@ -553,7 +532,7 @@ async fn only_this_nodes_pods_are_watched_and_ops_endpoints_answer() {
     ));
     add_pod(&b, "here", "reader", "127.0.0.122").await;
     assert_eq!(
-        b.agent.get("127.0.0.121", CREDS).await.unwrap().status,
+        status_of(&b, "127.0.0.121", CREDS).await,
         StatusCode::NOT_FOUND
     );
     assert_eq!(
@@ -631,13 +610,7 @@ async fn role_annotation_change_is_seen_within_the_cache_ttl() {
     })
     .await
     .unwrap();
-    let c = b
-        .agent
-        .get("127.0.0.141", &format!("{CREDS}writer"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
+    let c = creds_json(&b, "127.0.0.141", "writer").await;
     assert_eq!(c["Code"], "Success");
     assert_eq!(b.sts.calls().last().unwrap().role_arn, ROLE_B);
 }

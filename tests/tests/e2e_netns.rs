@@ -281,6 +281,23 @@ async fn old_and_current_sdks_get_their_own_pods_role_through_the_redirect() {
     );
 }
 
+/// `iptables -t nat <args>` in the node namespace (someone tampering with the agent's rule).
+fn node_nat(b: &Bed, args: &[&str]) {
+    let mut v = vec![
+        "ip",
+        "netns",
+        "exec",
+        b.topo.node_ns(),
+        "iptables",
+        "-w",
+        "5",
+        "-t",
+        "nat",
+    ];
+    v.extend_from_slice(args);
+    testbed::netns::sh(&v).unwrap();
+}
+
 fn count(rules: &str, needle: &str) -> usize {
     rules.lines().filter(|l| l.contains(needle)).count()
 }
@@ -330,72 +347,37 @@ async fn redirect_rule_life_cycle_fails_closed() {
     assert_eq!(ok["arn"], assumed(READER, 0));
 
     // Someone deletes the rule, then the jump: the agent restores them.
-    testbed::netns::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        b.topo.node_ns(),
-        "iptables",
-        "-w",
-        "5",
-        "-t",
-        "nat",
-        "-F",
-        "IRSA-IMDS",
-    ])
-    .unwrap();
+    node_nat(&b, &["-F", "IRSA-IMDS"]);
     wait_for(Duration::from_secs(15), || async {
         count(&b.topo.node_nat_rules().unwrap(), dnat) == 1
     })
     .await
     .unwrap();
-    testbed::netns::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        b.topo.node_ns(),
-        "iptables",
-        "-w",
-        "5",
-        "-t",
-        "nat",
-        "-D",
-        "PREROUTING",
-        "-j",
-        "IRSA-IMDS",
-    ])
-    .unwrap();
+    node_nat(&b, &["-D", "PREROUTING", "-j", "IRSA-IMDS"]);
     wait_for(Duration::from_secs(15), || async {
         count(&b.topo.node_nat_rules().unwrap(), jump) == 1
     })
     .await
     .unwrap();
     // Altered (pointing elsewhere): rewritten.
-    testbed::netns::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        b.topo.node_ns(),
-        "iptables",
-        "-w",
-        "5",
-        "-t",
-        "nat",
-        "-R",
-        "IRSA-IMDS",
-        "1",
-        "-d",
-        "169.254.169.254/32",
-        "-p",
-        "tcp",
-        "--dport",
-        "80",
-        "-j",
-        "DNAT",
-        "--to-destination",
-        "10.77.255.1:9999",
-    ])
-    .unwrap();
+    node_nat(
+        &b,
+        &[
+            "-R",
+            "IRSA-IMDS",
+            "1",
+            "-d",
+            "169.254.169.254/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.77.255.1:9999",
+        ],
+    );
     wait_for(Duration::from_secs(15), || async {
         let r = b.topo.node_nat_rules().unwrap();
         count(&r, dnat) == 1 && !r.contains(":9999")
