@@ -55,6 +55,15 @@ pub fn del(sock: &Path, timeout: Duration, container_id: &str) -> Result<(), Age
     )
 }
 
+/// CNI GC: the agent drops every registration whose sandbox is not in `valid`.
+pub fn gc(sock: &Path, timeout: Duration, valid: &[String]) -> Result<(), AgentError> {
+    call(
+        sock,
+        timeout,
+        json!({"v": PROTOCOL_VERSION, "op": "gc", "valid": valid}),
+    )
+}
+
 pub fn check(
     sock: &Path,
     timeout: Duration,

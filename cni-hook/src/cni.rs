@@ -375,7 +375,34 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             }
         }
         // Registrations die with their sandboxes' DELs; nothing of ours to collect.
-        "GC" => Ok(None),
+        "GC" => {
+            // Without the runtime's list there is nothing safe to collect.
+            let Some(list) = conf
+                .get("cni.dev/valid-attachments")
+                .and_then(Value::as_array)
+            else {
+                return Ok(None);
+            };
+            let mut valid = Vec::with_capacity(list.len());
+            for a in list {
+                let id = a
+                    .get("containerID")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        CniError::new(
+                            code::INVALID_CONFIG,
+                            "invalid cni.dev/valid-attachments",
+                            "an entry has no containerID",
+                        )
+                    })?;
+                valid.push(id.to_string());
+            }
+            // Registrations are the agent's state; with the agent down there is nothing to collect.
+            if let Err(e) = agent::gc(&pc.socket, pc.timeout, &valid) {
+                pc.log(&format!("GC: {e} (ignored)"));
+            }
+            Ok(None)
+        }
         "" => Err(CniError::new(
             code::INVALID_ENV,
             "missing environment variable",

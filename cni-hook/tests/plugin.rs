@@ -381,10 +381,31 @@ fn del_unregisters_idempotently_and_check_asks_the_agent() {
         &config("0.3.1", &agent.socket(), Some(prev), json!({})),
     );
     assert_eq!(r.json()["code"], 1, "CHECK does not exist before 0.4.0");
+    let gc = cni(
+        "GC",
+        &[],
+        &config(
+            "1.1.0",
+            &agent.socket(),
+            None,
+            json!({"cni.dev/valid-attachments": [{"containerID": "keep1", "ifname": "eth0"}, {"containerID": "keep2", "ifname": "eth0"}]}),
+        ),
+    );
+    assert_eq!(gc.code, 0, "{}", gc.stdout);
+    assert_eq!(
+        agent.seen().last().unwrap(),
+        &json!({"v":1,"op":"gc","valid":["keep1","keep2"]})
+    );
+    let before = agent.seen().len();
     for cmd in ["STATUS", "GC"] {
         let r = cni(cmd, &[], &config("1.1.0", &agent.socket(), None, json!({})));
         assert_eq!(r.code, 0, "{cmd}: {}", r.stdout);
     }
+    assert_eq!(
+        agent.seen().len(),
+        before,
+        "GC without the runtime's list collects nothing"
+    );
 }
 
 fn install(dir: &TempDir, extra: &[&str]) -> Run {

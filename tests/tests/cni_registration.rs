@@ -214,3 +214,50 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
     assert_eq!(wrong, 0);
     assert_eq!(served, cycles, "every pod got its own role");
 }
+
+/// CNI 1.1 GC through the real plugin: sandboxes missing from the runtime's list lose their IPs.
+#[tokio::test]
+async fn gc_through_the_plugin_drops_stale_sandboxes() {
+    let b = bed("gc").await;
+    for (name, ip, cid) in [
+        ("keep", "127.4.0.1", "sb-keep"),
+        ("stale", "127.4.0.2", "sb-stale"),
+    ] {
+        b.kube.create_pod(pod("apps", name, NODE, "alpha", &[]));
+        add(&b.sock, cid, name, ip).await;
+        assert_eq!(
+            b.agent.get(ip, CREDS).await.unwrap().status,
+            StatusCode::OK,
+            "{name}"
+        );
+    }
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0", "name": "k8s-pod-network", "type": "irsa-imds-cni", "agentSocket": b.sock,
+        "cni.dev/valid-attachments": [{"containerID": "sb-keep", "ifname": "eth0"}]
+    });
+    let mut child = tokio::process::Command::new(cni_bin())
+        .env_clear()
+        .env("CNI_COMMAND", "GC")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .await
+        .unwrap();
+    assert!(child.wait_with_output().await.unwrap().status.success());
+    // The stale sandbox's address no longer names its pod (the pod has no IP in the API).
+    assert_eq!(
+        b.agent.get("127.4.0.2", CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        b.agent.get("127.4.0.1", CREDS).await.unwrap().status,
+        StatusCode::OK
+    );
+}

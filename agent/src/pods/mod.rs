@@ -421,6 +421,22 @@ impl PodIndex {
         reg
     }
 
+    /// Drops every registration whose sandbox `keep` rejects (CNI GC), each as by its DEL;
+    /// returns how many went.
+    pub fn retain_registrations(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let stale: Vec<String> = self
+            .lock()
+            .regs
+            .keys()
+            .filter(|c| !keep(c))
+            .cloned()
+            .collect();
+        stale
+            .iter()
+            .filter(|c| self.unregister(c).is_some())
+            .count()
+    }
+
     /// Whether `container_id` is registered with exactly these IPs (CNI CHECK).
     pub fn is_registered(&self, container_id: &str, ips: &[IpAddr]) -> bool {
         let st = self.lock();

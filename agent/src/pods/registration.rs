@@ -4,7 +4,8 @@
 //! newline in, one JSON line out, then close. At most [`MAX_MESSAGE`] bytes, read within
 //! [`READ_TIMEOUT`]. Requests:
 //! `{"v":1,"op":"add","containerId":..,"namespace":..,"name":..,"ips":[..]}`,
-//! `{"v":1,"op":"del","containerId":..}`, `{"v":1,"op":"check","containerId":..,"ips":[..]}`.
+//! `{"v":1,"op":"del","containerId":..}`, `{"v":1,"op":"check","containerId":..,"ips":[..]}`,
+//! `{"v":1,"op":"gc","valid":[containerId, ..]}` (CNI 1.1 GC: drop every other registration).
 //! Answers: `{"v":1,"ok":true}` or `{"v":1,"ok":false,"error":".."}`.
 
 use std::net::IpAddr;
@@ -24,13 +25,15 @@ pub const MAX_MESSAGE: u64 = 64 * 1024;
 /// The plugin runs inside the runtime's sandbox setup; a slow or stuck client must not hold a task.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_IPS: usize = 16;
+/// A node runs a few hundred sandboxes at most; a GC list beyond this is not a real one.
+const MAX_VALID: usize = 4096;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Request {
     v: u32,
     op: String,
-    #[serde(rename = "containerId")]
+    #[serde(rename = "containerId", default)]
     container_id: String,
     #[serde(default)]
     namespace: Option<String>,
@@ -38,6 +41,8 @@ struct Request {
     name: Option<String>,
     #[serde(default)]
     ips: Option<Vec<String>>,
+    #[serde(default)]
+    valid: Option<Vec<String>>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -59,6 +64,10 @@ pub enum Op {
         container_id: String,
         ips: Vec<IpAddr>,
     },
+    /// CNI GC: every registration whose sandbox is not in `valid` is dropped, as by a DEL.
+    Gc {
+        valid: Vec<String>,
+    },
 }
 
 impl Op {
@@ -67,6 +76,7 @@ impl Op {
             Op::Add(_) => "add",
             Op::Del { .. } => "del",
             Op::Check { .. } => "check",
+            Op::Gc { .. } => "gc",
         }
     }
 }
@@ -94,6 +104,22 @@ pub fn parse(line: &[u8]) -> Result<Op, RegistrationError> {
         serde_json::from_slice(line).map_err(|e| RegistrationError::Malformed(e.to_string()))?;
     if req.v != PROTOCOL_VERSION {
         return Err(RegistrationError::Version(req.v));
+    }
+    if req.op == "gc" {
+        let valid = req.valid.ok_or_else(|| RegistrationError::Invalid {
+            field: "valid",
+            reason: "gc needs the list of valid sandboxes".into(),
+        })?;
+        if valid.len() > MAX_VALID {
+            return Err(RegistrationError::Invalid {
+                field: "valid",
+                reason: format!("more than {MAX_VALID}"),
+            });
+        }
+        for id in &valid {
+            check_container_id(id)?;
+        }
+        return Ok(Op::Gc { valid });
     }
     check_container_id(&req.container_id)?;
     match req.op.as_str() {
@@ -223,6 +249,14 @@ pub fn apply(index: &PodIndex, op: &Op) -> Result<(), RegistrationError> {
             } else {
                 Err(RegistrationError::NotRegistered(container_id.clone()))
             }
+        }
+        Op::Gc { valid } => {
+            let valid: std::collections::HashSet<&str> = valid.iter().map(String::as_str).collect();
+            let dropped = index.retain_registrations(|cid| valid.contains(cid));
+            if dropped > 0 {
+                tracing::info!(dropped, "cni gc dropped stale registrations");
+            }
+            Ok(())
         }
     }
 }
@@ -364,6 +398,29 @@ mod tests {
                 String::from_utf8_lossy(input)
             );
         }
+    }
+
+    #[test]
+    fn gc_drops_registrations_of_sandboxes_no_longer_valid() {
+        let index = PodIndex::new();
+        for (cid, ip) in [("c1", "10.1.0.1"), ("c2", "10.1.0.2"), ("c3", "10.1.0.3")] {
+            let line = format!(
+                r#"{{"v":1,"op":"add","containerId":"{cid}","namespace":"ns","name":"p-{cid}","ips":["{ip}"]}}"#
+            );
+            apply(&index, &parse(line.as_bytes()).unwrap()).unwrap();
+        }
+        let gc = parse(br#"{"v":1,"op":"gc","valid":["c2"]}"#).unwrap();
+        apply(&index, &gc).unwrap();
+        assert!(index.is_registered("c2", &["10.1.0.2".parse().unwrap()]));
+        for (cid, ip) in [("c1", "10.1.0.1"), ("c3", "10.1.0.3")] {
+            assert!(!index.is_registered(cid, &[ip.parse().unwrap()]), "{cid}");
+            assert_eq!(
+                index.lookup(ip.parse().unwrap()),
+                super::super::Lookup::Unknown
+            );
+        }
+        assert!(parse(br#"{"v":1,"op":"gc"}"#).is_err(), "gc without a list");
+        assert!(parse(br#"{"v":1,"op":"gc","valid":["../x"]}"#).is_err());
     }
 
     #[tokio::test]
