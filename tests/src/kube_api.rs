@@ -1,8 +1,10 @@
 //! An HTTP-level emulator of the parts of the Kubernetes API the agent uses, for kube-rs to talk
 //! to over real HTTP: pod list/watch (resourceVersion, bookmarks, 410 Gone, field selectors,
-//! pagination), pod and ServiceAccount reads, TokenRequest returning signed JWTs with the IRSA
-//! claims, Events; plus fault injection (watch delay, watch expiry, failing or slow TokenRequests,
-//! failing lists) and counters for assertions.
+//! pagination), pod and ServiceAccount reads, graceful pod deletion (a Terminating window in which
+//! the old pod keeps its IP), TokenRequest returning RS256 JWTs with the IRSA claims (audience
+//! defaulting, expiration validation and clamp as the API server does), the issuer's OIDC discovery
+//! document and JWKS, Events; plus fault injection (watch delay, watch expiry, failing or slow
+//! TokenRequests, failing lists) and counters for assertions.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -12,8 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{Method, Request, Response, StatusCode};
@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::jwt::Issuer;
 use crate::util::StopOnDrop;
 
 /// Watch events kept for resuming watches; an older resourceVersion gets 410 Gone.
@@ -98,13 +99,15 @@ struct World {
     list_fault: Option<Fault>,
     token_latency: Duration,
     watch_delay: Duration,
+    /// `--service-account-max-token-expiration`: longer requests are clamped to it.
+    max_token_expiration: Option<Duration>,
 }
 
 struct Inner {
     world: Mutex<World>,
     events: broadcast::Sender<WatchEvent>,
     expiry: tokio::sync::watch::Sender<u64>,
-    key: ring::hmac::Key,
+    issuer: Arc<Issuer>,
     counters: [AtomicU64; 8],
     addr: SocketAddr,
     stop: CancellationToken,
@@ -137,12 +140,19 @@ impl KubeApi {
         Self::start_on(std::net::TcpListener::bind("127.0.0.1:0")?).await
     }
 
+    /// Signs with the process-wide test-bed issuer ([`Issuer::testbed`]).
     pub async fn start_on(listener: std::net::TcpListener) -> anyhow::Result<KubeApi> {
+        Self::start_with_issuer(listener, Issuer::testbed()).await
+    }
+
+    /// Signs ServiceAccount tokens with `issuer`'s key and serves its discovery document and JWKS
+    /// at `/.well-known/openid-configuration` and `/openid/v1/jwks`.
+    pub async fn start_with_issuer(
+        listener: std::net::TcpListener,
+        issuer: Arc<Issuer>,
+    ) -> anyhow::Result<KubeApi> {
         let listener = crate::util::tokio_listener(listener)?;
         let addr = listener.local_addr()?;
-        let rng = ring::rand::SystemRandom::new();
-        let key = ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &rng)
-            .map_err(|_| anyhow::anyhow!("rng"))?;
         let stop = CancellationToken::new();
         let inner = Arc::new(Inner {
             world: Mutex::new(World {
@@ -151,7 +161,7 @@ impl KubeApi {
             }),
             events: broadcast::channel(65_536).0,
             expiry: tokio::sync::watch::channel(0).0,
-            key,
+            issuer,
             counters: Default::default(),
             addr,
             stop: stop.clone(),
@@ -166,6 +176,11 @@ impl KubeApi {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.inner.addr)
+    }
+
+    /// The issuer whose key signs this server's ServiceAccount tokens.
+    pub fn issuer(&self) -> Arc<Issuer> {
+        self.inner.issuer.clone()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -254,6 +269,47 @@ impl KubeApi {
         self.inner.emit(&mut w, "MODIFIED", p);
     }
 
+    /// Graceful deletion as the API server does it for `kubectl delete pod`: the pod gets a
+    /// `deletionTimestamp` (now + `grace`) and `deletionGracePeriodSeconds` and stays, Terminating
+    /// and still showing its IPs, until the kubelet confirms ([`delete_pod`](Self::delete_pod)) or
+    /// the grace period runs out (then it is removed). Returns false if there is no such pod.
+    pub fn terminate_pod(&self, ns: &str, name: &str, grace: Duration) -> bool {
+        let key = (ns.to_string(), name.to_string());
+        let uid = {
+            let mut w = lock(&self.inner.world);
+            w.rv += 1;
+            let rv = w.rv;
+            let Some(p) = w.pods.get_mut(&key) else {
+                return false;
+            };
+            if p.metadata.deletion_timestamp.is_none() {
+                let at = SystemTime::now() + grace;
+                p.metadata.deletion_timestamp = Some(time_at(at));
+                p.metadata.deletion_grace_period_seconds = Some(grace.as_secs() as i64);
+            }
+            p.metadata.resource_version = Some(rv.to_string());
+            let p = p.clone();
+            let uid = p.metadata.uid.clone();
+            self.inner.emit(&mut w, "MODIFIED", p);
+            uid
+        };
+        let api = self.clone();
+        let stop = self.inner.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(grace) => {
+                    // Only the pod this call terminated (a new pod may have the name by now).
+                    if api.get_pod(&key.0, &key.1).is_some_and(|p| p.metadata.uid == uid) {
+                        api.delete_pod(&key.0, &key.1);
+                    }
+                }
+            }
+        });
+        true
+    }
+
+    /// Removes the pod at once (grace period 0: the kubelet confirmed the containers are gone).
     pub fn delete_pod(&self, ns: &str, name: &str) -> Option<Pod> {
         let mut w = lock(&self.inner.world);
         let mut p = w.pods.remove(&(ns.to_string(), name.to_string()))?;
@@ -290,6 +346,11 @@ impl KubeApi {
 
     pub fn set_token_latency(&self, d: Duration) {
         lock(&self.inner.world).token_latency = d;
+    }
+
+    /// `--service-account-max-token-expiration`: TokenRequests asking for longer get this.
+    pub fn set_max_token_expiration(&self, d: Option<Duration>) {
+        lock(&self.inner.world).max_token_expiration = d;
     }
 
     pub fn set_list_fault(&self, f: Option<Fault>) {
@@ -351,7 +412,11 @@ pub fn pod(ns: &str, name: &str, node: &str, sa: &str, ips: &[&str]) -> Pod {
 }
 
 fn now_time() -> Time {
-    let secs = SystemTime::now()
+    time_at(SystemTime::now())
+}
+
+fn time_at(t: SystemTime) -> Time {
+    let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
@@ -483,6 +548,15 @@ impl Inner {
                 StatusCode::OK,
                 &json!({"major":"1","minor":"33","gitVersion":"v1.33.0-testbed"}),
             ),
+            (&Method::GET, [".well-known", "openid-configuration"]) => full(
+                StatusCode::OK,
+                &self
+                    .issuer
+                    .discovery_json(&format!("http://{}/openid/v1/jwks", self.addr)),
+            ),
+            (&Method::GET, ["openid", "v1", "jwks"]) => {
+                full(StatusCode::OK, &self.issuer.jwks_json())
+            }
             (&Method::GET, ["api", "v1", "pods"]) => self.pods(None, &query).await,
             (&Method::GET, ["api", "v1", "namespaces", ns, "pods"]) => {
                 self.pods(Some(ns), &query).await
@@ -723,19 +797,38 @@ impl Inner {
         if let Some(code) = fault {
             return status(code, "InternalError", "injected token fault");
         }
-        let tr: TokenRequest = match serde_json::from_value(body) {
+        let mut tr: TokenRequest = match serde_json::from_value(body) {
             Ok(t) => t,
             Err(e) => return status(400, "BadRequest", &format!("invalid TokenRequest: {e}")),
         };
-        let exp = tr.spec.expiration_seconds.unwrap_or(3600);
-        if exp < 600 {
+        // Defaulting, validation and clamping as the API server does them: no expiration means
+        // one hour; under 10 minutes or over 2^32 s is invalid (422); over the server's
+        // --service-account-max-token-expiration is cut down to it; no audiences means the API
+        // server's own (--api-audiences, which default to the issuer).
+        let requested = tr.spec.expiration_seconds.unwrap_or(3600);
+        if requested < 600 {
             return status(
-                400,
-                "BadRequest",
+                422,
+                "Invalid",
                 "spec.expirationSeconds: Invalid value: may not specify a duration less than 10 minutes",
             );
         }
+        if requested > 1 << 32 {
+            return status(
+                422,
+                "Invalid",
+                "spec.expirationSeconds: Invalid value: may not specify a duration larger than 2^32 seconds",
+            );
+        }
         let w = lock(&self.world);
+        let exp = match w.max_token_expiration {
+            Some(max) => requested.min(max.as_secs() as i64),
+            None => requested,
+        };
+        tr.spec.expiration_seconds = Some(exp);
+        if tr.spec.audiences.is_empty() {
+            tr.spec.audiences = vec![self.issuer.url().to_string()];
+        }
         let Some(sa) = w.sas.get(&(ns.to_string(), sa_name.to_string())) else {
             return status(
                 404,
@@ -783,7 +876,7 @@ impl Inner {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let claims = json!({
-            "iss": "https://oidc.eks.us-east-1.amazonaws.com/id/TESTBED",
+            "iss": self.issuer.url(),
             "sub": format!("system:serviceaccount:{ns}:{sa_name}"),
             "aud": tr.spec.audiences,
             "exp": now + exp, "iat": now, "nbf": now,
@@ -793,12 +886,11 @@ impl Inner {
                 "serviceaccount": {"name": sa_name, "uid": sa.metadata.uid.clone().unwrap_or_default()},
             },
         });
-        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT","kid":"testbed"}"#);
-        let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-        let signing_input = format!("{header}.{payload}");
-        let sig =
-            URL_SAFE_NO_PAD.encode(ring::hmac::sign(&self.key, signing_input.as_bytes()).as_ref());
         drop(w);
+        let token = match self.issuer.sign(&claims) {
+            Ok(t) => t,
+            Err(e) => return status(500, "InternalError", &format!("signing: {e}")),
+        };
         lock(&self.world).token_requests.push(TokenRequestRecord {
             namespace: ns.into(),
             service_account: sa_name.into(),
@@ -819,7 +911,7 @@ impl Inner {
             },
             spec: tr.spec,
             status: Some(TokenRequestStatus {
-                token: format!("{signing_input}.{sig}"),
+                token,
                 expiration_timestamp: exp_time,
             }),
         };

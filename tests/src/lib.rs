@@ -4,6 +4,7 @@
 pub mod deps;
 pub mod fake_imds;
 pub mod harness;
+pub mod jwt;
 pub mod kube_api;
 pub mod moto;
 pub mod netns;
