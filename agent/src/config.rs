@@ -181,9 +181,16 @@ impl Config {
             ));
         }
         for p in &self.upstream_allow {
-            if p.is_empty() || p.starts_with('/') || p.contains("..") {
+            let body = p.strip_suffix("/*").unwrap_or(p);
+            if body.is_empty()
+                || !body.bytes().all(crate::imds::is_path_byte)
+                || body
+                    .split('/')
+                    .any(|s| s.is_empty() || s == "." || s == "..")
+            {
                 return Err(format!(
-                    "--upstream-allow entry {p:?} must be a relative path below /latest/"
+                    "--upstream-allow entry {p:?} must be a relative path below /latest/ of \
+                     [A-Za-z0-9._-] segments, optionally ending in /*"
                 ));
             }
         }
@@ -274,6 +281,32 @@ mod tests {
         a.extend(["--refresh-at", "20m"]);
         let c = Config::try_parse_from(a).expect("parse");
         assert!(c.validate().unwrap_err().contains("--refresh-at"));
+    }
+
+    #[test]
+    fn upstream_allow_entries_are_plain_paths() {
+        for bad in [
+            "/meta-data/x",
+            "meta-data/../user-data",
+            "meta-data//x",
+            "a%2fb",
+            "*",
+            "",
+        ] {
+            let mut a = base();
+            a.extend(["--upstream-allow", bad]);
+            let c = Config::try_parse_from(a).expect("parse");
+            assert!(
+                c.validate().unwrap_err().contains("--upstream-allow"),
+                "{bad:?}"
+            );
+        }
+        let mut a = base();
+        a.extend(["--upstream-allow", "meta-data/placement/*,meta-data/mac"]);
+        Config::try_parse_from(a)
+            .expect("parse")
+            .validate()
+            .expect("valid");
     }
 
     #[test]

@@ -423,15 +423,18 @@ impl Agent {
     ) -> Reply {
         let lookup = self.index.resolve(ip, self.pod_wait).await;
         self.metrics.lookup(lookup.metric_label());
-        // Session tokens are bound to the pod; a caller no pod owns gets one bound to its address,
-        // good for allow-listed metadata only.
-        let subject = match &lookup {
-            Lookup::Found(p) => p.uid.clone(),
-            _ => format!("ip:{ip}"),
+        // A caller that is not exactly one pod of this node gets nothing: no session token, no
+        // passthrough, no credentials.
+        let Lookup::Found(pod) = lookup else {
+            tracing::info!(source_ip = %ip, result = lookup.metric_label(), "caller not identified; refused");
+            return match route {
+                Route::IssueToken { .. } => Reply::status(StatusCode::FORBIDDEN),
+                _ => Reply::not_found(),
+            };
         };
         let now = self.clock.now();
         if let Route::IssueToken { ttl } = route {
-            return match self.tokens.issue(&subject, ttl, now) {
+            return match self.tokens.issue(&pod.uid, ttl, now) {
                 Ok(t) => {
                     let mut r = Reply::ok(t);
                     r.headers.push((imds::TTL_HEADER, ttl.to_string()));
@@ -444,7 +447,7 @@ impl Agent {
             };
         }
         match imds::session_token(headers) {
-            Some(t) if self.tokens.verify(t, &subject, now).is_err() => {
+            Some(t) if self.tokens.verify(t, &pod.uid, now).is_err() => {
                 return Reply::status(StatusCode::UNAUTHORIZED);
             }
             Some(_) => {}
@@ -461,10 +464,6 @@ impl Agent {
                 }
             };
         }
-        let Lookup::Found(pod) = lookup else {
-            tracing::info!(source_ip = %ip, result = lookup.metric_label(), "caller not identified; no credentials");
-            return Reply::not_found();
-        };
         let role = match self
             .roles
             .resolve(&pod.namespace, &pod.service_account)

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::imds::{TOKEN_HEADER, TTL_HEADER};
+use crate::imds::{TOKEN_HEADER, TTL_HEADER, UpstreamPath};
 
 /// Lifetime asked for upstream session tokens; renewed a minute early.
 const TOKEN_TTL: Duration = Duration::from_secs(21_600);
@@ -95,18 +95,19 @@ impl Upstream {
             .map_err(|_| UpstreamError::Timeout)?
     }
 
-    async fn get_once(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamError> {
+    async fn get_once(&self, path: &UpstreamPath) -> Result<(StatusCode, Bytes), UpstreamError> {
         let token = self.session_token().await?;
         let req = Request::builder()
-            .uri(format!("{}{}", self.base, path))
+            .uri(format!("{}{}", self.base, path.as_str()))
             .header(TOKEN_HEADER, token)
             .body(Empty::new())
             .map_err(|e| UpstreamError::Request(e.to_string()))?;
         self.send(req).await
     }
 
-    /// GETs `path` (already allow-listed) and returns the upstream status and body.
-    pub async fn get(&self, path: &str) -> Result<(StatusCode, Bytes), UpstreamError> {
+    /// GETs `path` and returns the upstream status and body. Only [`crate::imds::route`] makes an
+    /// [`UpstreamPath`], so nothing but a canonical, allow-listed path can get here.
+    pub async fn get(&self, path: &UpstreamPath) -> Result<(StatusCode, Bytes), UpstreamError> {
         let (status, body) = self.get_once(path).await?;
         if status == StatusCode::UNAUTHORIZED {
             // The token went stale (the instance's IMDS restarted): one fresh try.
@@ -118,7 +119,7 @@ impl Upstream {
 
     /// The node's region, when the standard AWS settings do not name one.
     pub async fn region(&self) -> Result<String, UpstreamError> {
-        let (status, body) = self.get("/latest/meta-data/placement/region").await?;
+        let (status, body) = self.get(&UpstreamPath::region()).await?;
         if status != StatusCode::OK {
             return Err(UpstreamError::Token(status.as_u16()));
         }

@@ -25,7 +25,21 @@ impl FakeImds {
         Self::start_on(std::net::TcpListener::bind("127.0.0.1:0")?).await
     }
 
+    /// An upstream at its most dangerous: before answering it percent-decodes the path (repeatedly,
+    /// so double encoding works too), treats `\` as `/`, drops `;params` and resolves `.` and `..`.
+    /// The request log keeps the path as it arrived.
+    pub async fn start_normalising() -> anyhow::Result<FakeImds> {
+        Self::start_with(std::net::TcpListener::bind("127.0.0.1:0")?, true).await
+    }
+
     pub async fn start_on(listener: std::net::TcpListener) -> anyhow::Result<FakeImds> {
+        Self::start_with(listener, false).await
+    }
+
+    async fn start_with(
+        listener: std::net::TcpListener,
+        normalise: bool,
+    ) -> anyhow::Result<FakeImds> {
         let listener = crate::util::tokio_listener(listener)?;
         let addr = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -33,7 +47,7 @@ impl FakeImds {
         let seen2 = seen.clone();
         crate::util::serve(listener, stop.clone(), move |req| {
             let seen = seen2.clone();
-            async move { answer(&seen, req) }
+            async move { answer(&seen, req, normalise) }
         });
         Ok(FakeImds {
             addr,
@@ -52,11 +66,16 @@ impl FakeImds {
     }
 }
 
-fn answer(seen: &Mutex<Vec<(Method, String)>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path().to_string();
+fn answer(
+    seen: &Mutex<Vec<(Method, String)>>,
+    req: Request<Incoming>,
+    normalise: bool,
+) -> Response<Full<Bytes>> {
+    let raw = req.uri().path().to_string();
     if let Ok(mut v) = seen.lock() {
-        v.push((req.method().clone(), path.clone()));
+        v.push((req.method().clone(), raw.clone()));
     }
+    let path = if normalise { normalised(&raw) } else { raw };
     let reply = |s: StatusCode, b: String| {
         Response::builder()
             .status(s)
@@ -105,4 +124,91 @@ fn answer(seen: &Mutex<Vec<(Method, String)>>, req: Request<Incoming>) -> Respon
         _ => return reply(StatusCode::NOT_FOUND, String::new()),
     };
     reply(StatusCode::OK, body)
+}
+
+/// What a lenient server makes of a path: decoded until stable, `\` as `/`, `;params` dropped,
+/// dot segments resolved.
+pub fn normalised(raw: &str) -> String {
+    let mut p = raw.as_bytes().to_vec();
+    for _ in 0..4 {
+        let d = percent_decode(&p);
+        if d == p {
+            break;
+        }
+        p = d;
+    }
+    let s = String::from_utf8_lossy(&p).replace('\\', "/");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in s.split('/') {
+        let seg = seg.split(';').next().unwrap_or("");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = if s.ends_with('/') && !out.is_empty() {
+        "/"
+    } else {
+        ""
+    };
+    format!("/{}{trailing}", out.join("/"))
+}
+
+fn percent_decode(p: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while i < p.len() {
+        if p[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                p.get(i + 1).copied().and_then(hex),
+                p.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
+        }
+        out.push(p[i]);
+        i += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn normalising_resolves_every_trick() {
+        for (raw, want) in [
+            (
+                "/latest/meta-data/placement/%2e%2e/iam/x",
+                "/latest/meta-data/iam/x",
+            ),
+            (
+                "/latest/meta-data/placement/..%2f..%2fuser-data",
+                "/latest/user-data",
+            ),
+            (
+                "/latest/meta-data/placement/..\\..\\user-data",
+                "/latest/user-data",
+            ),
+            (
+                "/latest/meta-data/placement/..;/..;/user-data",
+                "/latest/user-data",
+            ),
+            (
+                "/latest/meta-data/placement/%252E%252E/%252e%252e/user-data",
+                "/latest/user-data",
+            ),
+            (
+                "/latest/meta-data/iam/security-credentials/",
+                "/latest/meta-data/iam/security-credentials/",
+            ),
+        ] {
+            assert_eq!(super::normalised(raw), want, "{raw}");
+        }
+    }
 }

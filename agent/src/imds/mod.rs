@@ -28,8 +28,8 @@ pub enum Route {
     Info,
     /// `GET .../iam/`.
     IamIndex,
-    /// Allow-listed passthrough; `path` is the full upstream path.
-    Upstream { path: String },
+    /// Allow-listed passthrough of a path rebuilt from the allow-list entry.
+    Upstream { path: UpstreamPath },
 }
 
 impl Route {
@@ -84,6 +84,11 @@ pub struct Policy {
 }
 
 /// Routes a request, or answers it outright when the protocol already decides (405, 403, 400, 404).
+///
+/// Paths are not decoded: a metadata path is plain `[A-Za-z0-9._/-]`, so any other byte (a `%`
+/// escape, `\`, `;`, controls, non-ASCII) is refused before routing, whatever an upstream might
+/// make of it. Only the last segment of a credentials path may also carry the other characters
+/// IAM allows in role names (`+=,@`); that route is answered here and never goes upstream.
 pub fn route(
     method: &Method,
     path: &str,
@@ -99,10 +104,21 @@ pub fn route(
     let Some(rest) = path.strip_prefix('/') else {
         return Err(Reply::status(StatusCode::BAD_REQUEST));
     };
-    if rest.contains("//") || rest.split('/').any(|s| s == ".." || s == ".") || !rest.is_ascii() {
+    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    if !version.bytes().all(is_path_byte) {
         return Err(Reply::not_found());
     }
-    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let role_name = rest
+        .strip_prefix(CREDENTIALS_PREFIX)
+        .filter(|n| !n.is_empty());
+    let checked = match role_name {
+        // The role name is checked as a single segment with IAM's character set.
+        Some(name) => is_role_name(name),
+        None => rest.bytes().all(is_path_byte),
+    };
+    if !checked || rest.contains("//") || rest.split('/').any(|s| s == ".." || s == ".") {
+        return Err(Reply::not_found());
+    }
     let latest = version == "latest";
     if !latest && !is_dated_version(version) {
         return Err(if *method == Method::PUT {
@@ -144,27 +160,115 @@ pub fn route(
         }
         _ => {}
     }
-    if let Some(name) = rest.strip_prefix("meta-data/iam/security-credentials/") {
-        if !name.is_empty() && !name.contains('/') {
-            return Ok(Route::Credentials {
-                name: name.to_string(),
-            });
-        }
-        return Err(Reply::not_found());
-    }
-    // The node's own credentials and secrets are never passed through, whatever the allow-list says.
-    if rest.starts_with("meta-data/iam/")
-        || rest.starts_with("meta-data/identity-credentials")
-        || rest.starts_with("user-data")
-    {
-        return Err(Reply::not_found());
-    }
-    if policy.upstream_allow.iter().any(|p| allow_matches(p, rest)) {
-        return Ok(Route::Upstream {
-            path: path.to_string(),
+    if let Some(name) = role_name {
+        return Ok(Route::Credentials {
+            name: name.to_string(),
         });
     }
-    Err(Reply::not_found())
+    if never_proxied(rest) {
+        return Err(Reply::not_found());
+    }
+    match policy
+        .upstream_allow
+        .iter()
+        .find_map(|p| allow_match(p, rest))
+    {
+        Some(canonical) => Ok(Route::Upstream {
+            path: UpstreamPath(format!("/{version}/{canonical}")),
+        }),
+        None => Err(Reply::not_found()),
+    }
+}
+
+const CREDENTIALS_PREFIX: &str = "meta-data/iam/security-credentials/";
+
+/// A path the agent may send upstream: built only by [`route`], from a version it validated and
+/// the allow-list entry that matched (plus, under a `/*` entry, segments of `[A-Za-z0-9._-]`),
+/// never from the caller's string as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamPath(String);
+
+impl UpstreamPath {
+    /// The node's region, which the agent itself reads at start when no AWS setting names it.
+    pub fn region() -> Self {
+        UpstreamPath("/latest/meta-data/placement/region".into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for UpstreamPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The bytes a metadata path may contain. Everything else, `%` first, is refused: an upstream
+/// that decodes escapes or treats `\` or `;` as separators would otherwise see a different path
+/// than the one checked here.
+pub fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-')
+}
+
+/// IAM role names: `[\w+=,.@-]{1,64}`.
+fn is_role_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_+=,.@-".contains(&b))
+}
+
+/// The node's credentials and signed identity, refused whatever the allow-list says. Compared
+/// without regard to case, in case an upstream folds it.
+fn never_proxied(rest: &str) -> bool {
+    const SEGMENTS: &[&str] = &[
+        "iam",
+        "identity-credentials",
+        "security-credentials",
+        "user-data",
+        "pkcs7",
+        "signature",
+        "rsa2048",
+        "api",
+    ];
+    rest.split('/')
+        .any(|seg| SEGMENTS.iter().any(|s| seg.eq_ignore_ascii_case(s)))
+}
+
+/// The canonical form of `path` when `pattern` allows it: the pattern itself for an exact entry;
+/// for `prefix/*`, the prefix followed by the caller's remaining segments, each non-empty (a
+/// trailing slash, a directory listing, is kept).
+fn allow_match(pattern: &str, path: &str) -> Option<String> {
+    let Some(prefix) = pattern.strip_suffix("/*") else {
+        return (pattern == path).then(|| pattern.to_string());
+    };
+    if path == prefix {
+        return Some(prefix.to_string());
+    }
+    let tail = path.strip_prefix(prefix)?.strip_prefix('/')?;
+    let (body, slash) = match tail.strip_suffix('/') {
+        Some(b) => (b, "/"),
+        None => (tail, ""),
+    };
+    if body.is_empty() {
+        return Some(format!("{prefix}/"));
+    }
+    let mut out = String::with_capacity(path.len());
+    out.push_str(prefix);
+    for seg in body.split('/') {
+        if seg.is_empty() || seg == "." || seg == ".." || !seg.bytes().all(is_path_byte) {
+            return None;
+        }
+        out.push('/');
+        out.push_str(seg);
+    }
+    out.push_str(slash);
+    Some(out)
 }
 
 /// The session token a GET carries, if any.
@@ -180,18 +284,6 @@ fn is_dated_version(v: &str) -> bool {
         && b.iter()
             .enumerate()
             .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
-}
-
-fn allow_matches(pattern: &str, path: &str) -> bool {
-    match pattern.strip_suffix("/*") {
-        Some(prefix) => {
-            path == prefix
-                || path
-                    .strip_prefix(prefix)
-                    .is_some_and(|r| r.starts_with('/'))
-        }
-        None => pattern == path,
-    }
 }
 
 #[cfg(test)]
@@ -349,7 +441,7 @@ mod tests {
         assert_eq!(
             r(Method::GET, "/latest/meta-data/placement/region", &[]),
             Ok(Route::Upstream {
-                path: "/latest/meta-data/placement/region".into()
+                path: UpstreamPath::region()
             })
         );
         assert!(
@@ -378,5 +470,114 @@ mod tests {
         );
         let long = format!("/latest/{}", "a".repeat(600));
         assert_eq!(r(Method::GET, &long, &[]), Err(StatusCode::URI_TOO_LONG));
+    }
+
+    fn upstream_path(p: &str) -> Option<String> {
+        match r(Method::GET, p, &[]) {
+            Ok(Route::Upstream { path }) => Some(path.as_str().to_string()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn encoded_traversal_never_routes_upstream() {
+        for p in [
+            "/latest/meta-data/placement/%2e%2e/iam/security-credentials/",
+            "/latest/meta-data/placement/%2E%2E/%2E%2E/user-data",
+            "/latest/meta-data/placement/..%2f..%2fuser-data",
+            "/latest/meta-data/placement/..%2F..%2Fuser-data",
+            "/latest/meta-data/placement/..\\..\\user-data",
+            "/latest/meta-data/placement/..;/..;/user-data",
+            "/latest/meta-data/placement/%252e%252e/%252e%252e/user-data",
+            "/latest/meta-data/placement/%5c..%5c..%5cuser-data",
+            "/latest/meta-data/placement/region%00",
+            "/latest/meta-data/placement/regi\u{f6}n",
+            "/latest%2fmeta-data/placement/region",
+            "/latest/meta-data/placement/./region",
+        ] {
+            assert_eq!(r(Method::GET, p, &[]), Err(StatusCode::NOT_FOUND), "{p}");
+        }
+        for b in 0u8..=255 {
+            if is_path_byte(b) {
+                continue;
+            }
+            let mut p = b"/latest/meta-data/placement/reg".to_vec();
+            p.push(b);
+            p.extend_from_slice(b"ion");
+            let p = String::from_utf8_lossy(&p).into_owned();
+            assert!(upstream_path(&p).is_none(), "byte {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn upstream_path_is_rebuilt_from_the_allow_list() {
+        assert_eq!(
+            upstream_path("/latest/meta-data/placement/region").as_deref(),
+            Some("/latest/meta-data/placement/region")
+        );
+        assert_eq!(
+            upstream_path("/2021-01-03/meta-data/placement/").as_deref(),
+            Some("/2021-01-03/meta-data/placement/")
+        );
+        assert_eq!(
+            upstream_path("/latest/meta-data/placement").as_deref(),
+            Some("/latest/meta-data/placement")
+        );
+        assert_eq!(
+            upstream_path("/latest/dynamic/instance-identity/document").as_deref(),
+            Some("/latest/dynamic/instance-identity/document")
+        );
+        // A wide allow-list still never reaches the node's secrets or signed identity.
+        let wide = Policy {
+            upstream_allow: vec!["meta-data/*".into(), "dynamic/*".into()],
+        };
+        for p in [
+            "/latest/dynamic/instance-identity/pkcs7",
+            "/latest/dynamic/instance-identity/signature",
+            "/latest/dynamic/instance-identity/rsa2048",
+            "/latest/dynamic/instance-identity/PKCS7",
+            "/latest/meta-data/identity-credentials/ec2/info",
+            "/latest/meta-data/IAM/security-credentials/x",
+            "/latest/meta-data/placement/user-data",
+        ] {
+            assert!(
+                route(&Method::GET, p, &HeaderMap::new(), &wide).is_err(),
+                "{p}"
+            );
+        }
+        assert!(
+            route(
+                &Method::GET,
+                "/latest/dynamic/instance-identity/document",
+                &HeaderMap::new(),
+                &wide
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn role_names_may_use_iams_characters_but_nothing_else() {
+        assert_eq!(
+            r(
+                Method::GET,
+                &format!("/latest/{CREDENTIALS_PREFIX}svc+a=b,c@d_e.f-g"),
+                &[]
+            ),
+            Ok(Route::Credentials {
+                name: "svc+a=b,c@d_e.f-g".into()
+            })
+        );
+        for name in ["a%2fb", "a;b", "..", "a\\b", "a b"] {
+            assert_eq!(
+                r(
+                    Method::GET,
+                    &format!("/latest/{CREDENTIALS_PREFIX}{name}"),
+                    &[]
+                ),
+                Err(StatusCode::NOT_FOUND),
+                "{name}"
+            );
+        }
     }
 }

@@ -1,0 +1,267 @@
+//! The agent under attack from the pod network, on loopback: encoded path traversal against an
+//! upstream that normalises, callers that are not pods of this node, state across restarts.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use testbed::fake_imds::FakeImds;
+use testbed::harness::{Agent, NODE, request, wait_for};
+use testbed::kube_api::{KubeApi, pod};
+use testbed::sts::StsEmulator;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ROLE_A: &str = "arn:aws:iam::123456789012:role/team-a/reader";
+const ANN: &str = "eks.amazonaws.com/role-arn";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+
+struct Bed {
+    kube: KubeApi,
+    _sts: StsEmulator,
+    upstream: FakeImds,
+    agent: Agent,
+}
+
+async fn bed(upstream: FakeImds, args: &[&str]) -> Bed {
+    let kube = KubeApi::start().await.unwrap();
+    let sts = StsEmulator::start().await.unwrap();
+    kube.apply_service_account("apps", "reader", &[(ANN, ROLE_A)]);
+    let exchange = Arc::new(
+        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
+            .await,
+    );
+    let agent = Agent::start(&kube, exchange, &upstream.url(), args)
+        .await
+        .unwrap();
+    Bed {
+        kube,
+        _sts: sts,
+        upstream,
+        agent,
+    }
+}
+
+async fn add_pod(b: &Bed, name: &str, ip: &str) {
+    b.kube.create_pod(pod("apps", name, NODE, "reader", &[ip]));
+    wait_for(Duration::from_secs(10), || async {
+        matches!(b.agent.get(ip, CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+}
+
+/// Sends `target` byte for byte in a request line from `src`; returns what came back (maybe
+/// nothing, when the server closes on a request it cannot parse).
+async fn raw_get(to: SocketAddr, src: &str, target: &[u8]) -> String {
+    let src: IpAddr = src.parse().unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    let mut s = sock.connect(to).await.unwrap();
+    let mut req = b"GET ".to_vec();
+    req.extend_from_slice(target);
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(&req).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn upstream_gets(u: &FakeImds) -> Vec<String> {
+    u.requests()
+        .into_iter()
+        .filter(|(m, _)| *m == Method::GET)
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// Every percent-encoding of `c`: lower and upper case hex, double encoded (`%25` + each of
+/// those, and `%25` with its own digits in either case), overlong UTF-8 for `.` and `/`.
+fn encodings(c: u8) -> Vec<String> {
+    let lower = format!("%{c:02x}");
+    let upper = format!("%{c:02X}");
+    let mut out = vec![lower.clone(), upper.clone()];
+    for single in [&lower, &upper] {
+        out.push(format!("%25{}", &single[1..]));
+        // `%` itself encoded with the digits also encoded.
+        let digits = &single.as_bytes()[1..];
+        out.push(format!("%25%{:02x}%{:02x}", digits[0], digits[1]));
+        out.push(format!("%25%{:02X}%{:02X}", digits[0], digits[1]));
+    }
+    match c {
+        b'.' => out.extend(["%c0%ae".into(), "%C0%AE".into(), "%e0%80%ae".into()]),
+        b'/' => out.extend(["%c0%af".into(), "%C0%AF".into(), "%e0%80%af".into()]),
+        b'\\' => out.extend(["%c1%9c".into(), "%C1%9C".into()]),
+        _ => {}
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What an attacker would try on an upstream that decodes and normalises.
+fn traversal_variants() -> Vec<Vec<u8>> {
+    let base = "/latest/meta-data/placement";
+    let mut v: Vec<String> = [
+        "/%2e%2e/iam/security-credentials/",
+        "/%2e%2e/%2e%2e/user-data",
+        "/..%2f..%2fuser-data",
+        "/..%2f..%2fmeta-data/iam/security-credentials/node-role",
+        "/..\\..\\user-data",
+        "/..\\..\\meta-data\\iam\\security-credentials\\node-role",
+        "/..;/..;/user-data",
+        "/..;/iam/security-credentials/",
+        "/region/..;/..;/..;/user-data",
+    ]
+    .iter()
+    .map(|t| format!("{base}{t}"))
+    .collect();
+    for e in encodings(b'.') {
+        v.push(format!("{base}/{e}{e}/{e}{e}/user-data"));
+        v.push(format!("{base}/.{e}/iam/security-credentials/"));
+        v.push(format!("{base}/{e}./iam/security-credentials/"));
+    }
+    for sep in [b'/', b'\\'] {
+        for e in encodings(sep) {
+            v.push(format!("{base}/..{e}..{e}user-data"));
+            v.push(format!(
+                "{base}/..{e}iam{e}security-credentials{e}node-role"
+            ));
+        }
+    }
+    v.into_iter().map(String::into_bytes).collect()
+}
+
+#[tokio::test]
+async fn encoded_traversal_never_reaches_a_normalising_upstream() {
+    let upstream = FakeImds::start_normalising().await.unwrap();
+    // The control: this upstream really would hand out the node's secrets for these paths.
+    let leak = raw_get(
+        upstream
+            .url()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap(),
+        "127.0.0.1",
+        b"/latest/meta-data/placement/%2e%2e/%2e%2e/user-data",
+    )
+    .await;
+    assert!(leak.contains("secret-user-data"), "{leak}");
+    let b = bed(upstream, &[]).await;
+    add_pod(&b, "a", "127.0.0.201").await;
+    let before = upstream_gets(&b.upstream).len();
+
+    let mut cases = traversal_variants();
+    // Each byte outside [A-Za-z0-9._/-] inside an allow-listed path. `?` and `#` end the path
+    // (RFC 3986), so they are checked separately below.
+    for byte in 0u8..=255 {
+        if byte.is_ascii_alphanumeric() || b"._/-?#".contains(&byte) {
+            continue;
+        }
+        let mut p = b"/latest/meta-data/placement/reg".to_vec();
+        p.push(byte);
+        p.extend_from_slice(b"ion");
+        cases.push(p);
+    }
+    assert!(cases.len() > 250, "{}", cases.len());
+    for case in &cases {
+        let reply = raw_get(b.agent.imds, "127.0.0.201", case).await;
+        let shown = String::from_utf8_lossy(case);
+        assert!(
+            reply.is_empty()
+                || reply.starts_with("HTTP/1.1 404")
+                || reply.starts_with("HTTP/1.1 400"),
+            "{shown}: {reply}"
+        );
+        assert!(
+            !reply.contains("secret-user-data") && !reply.contains("ASIANODE"),
+            "{shown}"
+        );
+    }
+    assert_eq!(
+        upstream_gets(&b.upstream)[before..],
+        [] as [String; 0],
+        "no variant reached the upstream"
+    );
+
+    // A query or fragment is not part of the path: upstream gets the canonical path alone.
+    for target in [
+        &b"/latest/meta-data/placement/region?../../user-data"[..],
+        b"/latest/meta-data/placement/region?%2e%2e/user-data",
+        b"/latest/meta-data/placement/region#/../../user-data",
+    ] {
+        let reply = raw_get(b.agent.imds, "127.0.0.201", target).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.1 400"),
+            "{reply}"
+        );
+        assert!(!reply.contains("secret-user-data"));
+    }
+    let seen = upstream_gets(&b.upstream);
+    assert!(
+        seen[before..]
+            .iter()
+            .all(|p| p == "/latest/meta-data/placement/region"),
+        "{seen:?}"
+    );
+    // The control: a plain allow-listed path does go through.
+    let ok = raw_get(
+        b.agent.imds,
+        "127.0.0.201",
+        b"/latest/meta-data/placement/availability-zone",
+    )
+    .await;
+    assert!(
+        ok.starts_with("HTTP/1.1 200") && ok.ends_with("us-east-1a"),
+        "{ok}"
+    );
+}
+
+#[tokio::test]
+async fn callers_that_are_not_pods_of_this_node_get_nothing() {
+    let upstream = FakeImds::start().await.unwrap();
+    let b = bed(upstream, &["--pod-wait", "100ms"]).await;
+    b.kube.create_pod(pod(
+        "apps",
+        "elsewhere",
+        "node-2",
+        "reader",
+        &["127.0.0.212"],
+    ));
+    add_pod(&b, "here", "127.0.0.211").await;
+    for stranger in ["127.0.0.213", "127.0.0.212"] {
+        let put = request(
+            b.agent.imds,
+            stranger.parse().unwrap(),
+            Method::PUT,
+            "/latest/api/token",
+            &[("x-aws-ec2-metadata-token-ttl-seconds", "60")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(put.status, StatusCode::FORBIDDEN, "{stranger}: no token");
+        for p in [
+            "/latest/meta-data/placement/region",
+            "/latest/dynamic/instance-identity/document",
+            CREDS,
+        ] {
+            let r = b.agent.get(stranger, p).await.unwrap();
+            assert_eq!(r.status, StatusCode::NOT_FOUND, "{stranger} {p}");
+        }
+    }
+    assert!(
+        upstream_gets(&b.upstream).is_empty(),
+        "{:?}",
+        b.upstream.requests()
+    );
+    // The pod of this node gets both.
+    assert!(b.agent.token("127.0.0.211", 60).await.is_ok());
+    let r = b
+        .agent
+        .get("127.0.0.211", "/latest/meta-data/placement/region")
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "us-east-1"));
+}
