@@ -77,4 +77,6 @@ if ! stamp_ok node "$NODE_PKG" || ! NODE_PATH="$deps/node/node_modules" node -e 
   stamp node "$NODE_PKG"
 fi
 
+bash "$here/setup-sdk-clients.sh"  # Java and Go SDK clients, built into the test-bed cache
+
 say "dependencies ready in $deps"

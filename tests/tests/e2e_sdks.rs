@@ -1,0 +1,397 @@
+//! The Java and Go SDKs the agent exists for, end to end through the real redirect: the AWS SDK
+//! for Java 1.11.600 and for Go v1.23.0 (both from before web identity; IMDSv1 only), and a
+//! current SDK for Go v2 and for Java 2.x (IMDSv2 session tokens). Each runs unmodified in a pod
+//! network namespace with a clean environment and its SDK's default credential chain (no IMDS
+//! endpoint override: it dials 169.254.169.254, which the agent's DNAT in the node namespace
+//! sends to the agent); only its STS call is pointed at moto. Two pods with different roles at
+//! once each get their own; the pod without a role gets no credentials; the node's role (served
+//! by the fake upstream IMDS) never appears.
+//!
+//! The clients are built by `tests/setup-sdk-clients.sh` into the test-bed cache. One that is
+//! missing fails the test under CI (`CI=true`) and is skipped with a loud message elsewhere.
+//! Everything runs inside namespaces these tests create and remove (root required).
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use testbed::fake_imds::{FakeImds, NODE_ROLE_KEY_ID};
+use testbed::harness::{NODE, wait_for};
+use testbed::kube_api::{KubeApi, pod};
+use testbed::moto::Moto;
+use testbed::netns::Topology;
+
+const ANN: &str = "eks.amazonaws.com/role-arn";
+const READER: &str = "arn:aws:iam::123456789012:role/sdk-reader";
+const WRITER: &str = "arn:aws:iam::123456789012:role/sdk-writer";
+const NS: &str = "sdks";
+const AGENT_PORT: u16 = 8181;
+const OPS_PORT: u16 = 8182;
+
+/// The test-bed cache `tests/setup-sdk-clients.sh` builds into.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("IRSA_TESTBED_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/irsa-imds-testbed"))
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Sdk {
+    /// AWS SDK for Java 1.11.600: DefaultAWSCredentialsProviderChain, IMDSv1.
+    JavaLegacy,
+    /// AWS SDK for Go v1.23.0: default session, EC2 role provider, IMDSv1.
+    GoLegacy,
+    /// Current AWS SDK for Go v2: default config, IMDSv2.
+    GoCurrent,
+    /// Current AWS SDK for Java 2.x: DefaultCredentialsProvider, IMDSv2.
+    JavaCurrent,
+}
+
+impl Sdk {
+    fn name(self) -> &'static str {
+        match self {
+            Sdk::JavaLegacy => "java-legacy",
+            Sdk::GoLegacy => "go-legacy",
+            Sdk::GoCurrent => "go-current",
+            Sdk::JavaCurrent => "java-current",
+        }
+    }
+
+    /// What the client reports as its SDK, and the credential provider of its chain that must
+    /// answer (the instance-metadata one).
+    fn expect(self) -> (&'static str, &'static str) {
+        match self {
+            // Without ECS variables the container provider wraps the instance-profile one.
+            Sdk::JavaLegacy => (
+                "aws-java-sdk 1.11.600",
+                "EC2ContainerCredentialsProviderWrapper",
+            ),
+            Sdk::GoLegacy => ("aws-sdk-go 1.23.0", "EC2RoleProvider"),
+            Sdk::GoCurrent => ("aws-sdk-go-v2 ", "EC2RoleProvider"),
+            Sdk::JavaCurrent => ("aws-sdk-java-v2 2.", "InstanceProfileCredentialsProvider"),
+        }
+    }
+
+    /// Whether the SDK speaks IMDSv2 (the test then forbids IMDSv1 fallback).
+    fn imds_v2(self) -> bool {
+        matches!(self, Sdk::GoCurrent | Sdk::JavaCurrent)
+    }
+
+    /// The command line (program and arguments, STS endpoint to follow), or what is missing.
+    fn argv(self) -> Result<Vec<String>, String> {
+        let cache = cache_dir();
+        let (main_class, built) = match self {
+            Sdk::GoLegacy | Sdk::GoCurrent => {
+                let bin = cache.join("bin").join(format!("{}-client", self.name()));
+                return if bin.is_file() {
+                    Ok(vec![bin.display().to_string()])
+                } else {
+                    Err(format!("{} is missing", bin.display()))
+                };
+            }
+            Sdk::JavaLegacy => ("LegacyJavaClient", cache.join("sdk-clients/java-legacy")),
+            Sdk::JavaCurrent => ("CurrentJavaClient", cache.join("sdk-clients/java-current")),
+        };
+        let (classes, lib) = (built.join("classes"), built.join("lib"));
+        if !classes.join(format!("{main_class}.class")).is_file() || !lib.is_dir() {
+            return Err(format!("{} is missing or incomplete", built.display()));
+        }
+        Ok(vec![
+            "java".into(),
+            // One short-lived JVM per run: the quick JIT tier and the small collector start fastest.
+            "-XX:TieredStopAtLevel=1".into(),
+            "-XX:+UseSerialGC".into(),
+            "-Xshare:auto".into(),
+            "-XX:-UsePerfData".into(),
+            "-cp".into(),
+            format!("{}:{}/*", classes.display(), lib.display()),
+            main_class.into(),
+        ])
+    }
+
+    /// The command line, or `None` (skip) when the client is missing outside CI; under CI a
+    /// missing client fails the test.
+    fn argv_or_skip(self) -> Option<Vec<String>> {
+        match self.argv() {
+            Ok(v) => Some(v),
+            Err(why) => {
+                let msg = format!(
+                    "{} client not built: {why}; run `bash tests/setup.sh` (it calls \
+                     tests/setup-sdk-clients.sh; build log in {}/sdk-clients/logs/{}.log)",
+                    self.name(),
+                    cache_dir().display(),
+                    self.name()
+                );
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("{msg}");
+                }
+                eprintln!("SKIPPED (not CI): {msg}");
+                None
+            }
+        }
+    }
+}
+
+fn agent_bin() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let bin = target.join("debug/irsa-imds-agent");
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build -p irsa-imds-agent` first (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Pods: 0 = reader role, 1 = writer role, 2 = no role.
+struct Bed {
+    topo: Topology,
+    _kube: KubeApi,
+    upstream: FakeImds,
+    moto: Moto,
+    dir: testbed::util::TempDir,
+}
+
+async fn bed(tag: &str) -> Bed {
+    testbed::netns::require_root().expect("root");
+    let topo = Topology::new(3).unwrap();
+    let kube = KubeApi::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
+        .await
+        .unwrap();
+    let upstream = FakeImds::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
+        .await
+        .unwrap();
+    let moto = Moto::start_with(&["ip", "netns", "exec", topo.node_ns()], "0.0.0.0")
+        .await
+        .unwrap();
+    kube.apply_service_account(NS, "reader", &[(ANN, READER)]);
+    kube.apply_service_account(NS, "writer", &[(ANN, WRITER)]);
+    kube.apply_service_account(NS, "plain", &[]);
+    for (i, sa) in ["reader", "writer", "plain"].iter().enumerate() {
+        let ip = topo.pod_ip(i).to_string();
+        kube.create_pod(pod(NS, &format!("app-{i}"), NODE, sa, &[&ip]));
+    }
+    let dir = testbed::util::TempDir::new(&format!("e2e-sdk-{tag}")).unwrap();
+    std::fs::create_dir_all(dir.path().join("home")).unwrap();
+    kube.write_kubeconfig(&dir.path().join("kubeconfig"))
+        .unwrap();
+    Bed {
+        topo,
+        _kube: kube,
+        upstream,
+        moto,
+        dir,
+    }
+}
+
+impl Bed {
+    /// The agent binary in the node namespace, host mode: its own DNAT for 169.254.169.254 on
+    /// the pods' veths, the fake upstream IMDS, moto as STS.
+    fn start_agent(&self) -> tokio::process::Child {
+        let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
+        self.topo
+            .exec_in(self.topo.node_ns(), agent_bin().to_str().unwrap())
+            .args(["--node-name", NODE])
+            .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
+            .args(["--ops-listen", &format!("127.0.0.1:{OPS_PORT}")])
+            .args(["--upstream-imds", &self.upstream.url()])
+            .args([
+                "--kubeconfig",
+                self.dir.path().join("kubeconfig").to_str().unwrap(),
+            ])
+            .args(["--log-format", "text", "--iptables"])
+            .args(["--host-interface", &self.topo.host_interface_pattern()])
+            .args(["--host-ip", &self.topo.node_ip().to_string()])
+            .env("AWS_REGION", "us-east-1")
+            .env(
+                "AWS_ENDPOINT_URL_STS",
+                format!("http://127.0.0.1:{}", self.moto.port()),
+            )
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    /// GET on the agent's ops port from inside the node namespace: status and body.
+    fn ops_get(&self, path: &str) -> Option<(u16, String)> {
+        let addr: SocketAddr = format!("127.0.0.1:{OPS_PORT}").parse().ok()?;
+        let mut s = self.topo.connect_in(self.topo.node_ns(), addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((status, body))
+    }
+
+    async fn wait_ready(&self) {
+        wait_for(Duration::from_secs(30), || async {
+            self.ops_get("/readyz").map(|(s, _)| s) == Some(200)
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", self.agent_log()));
+    }
+
+    /// How many IMDS requests on `route` the agent answered with `code` (its /metrics).
+    fn served(&self, route: &str, code: &str) -> u64 {
+        let (_, body) = self.ops_get("/metrics").expect("metrics");
+        let (r, c) = (format!("route=\"{route}\""), format!("code=\"{code}\""));
+        body.lines()
+            .filter(|l| l.starts_with("irsa_imds_requests_total{") && l.contains(&r))
+            .filter(|l| l.contains(&c))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// Runs the SDK client in pod `i` with a clean environment: no AWS settings but the one
+    /// that forbids IMDSv1 to a current SDK, an empty home, no IMDS endpoint override. Returns
+    /// its JSON line.
+    async fn client(&self, i: usize, sdk: Sdk, argv: &[String]) -> Value {
+        let sts = format!("http://{}:{}", self.topo.node_ip(), self.moto.port());
+        let mut cmd = self.topo.exec_in(self.topo.pod_ns(i), "env");
+        cmd.arg("-i")
+            .arg("PATH=/usr/local/bin:/usr/bin:/bin")
+            .arg(format!("HOME={}", self.dir.path().join("home").display()))
+            .arg("AWS_CONFIG_FILE=/nonexistent/config")
+            .arg("AWS_SHARED_CREDENTIALS_FILE=/nonexistent/credentials");
+        if sdk.imds_v2() {
+            cmd.arg("AWS_EC2_METADATA_V1_DISABLED=true");
+        }
+        cmd.args(argv).arg(&sts);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+            .await
+            .unwrap_or_else(|_| panic!("{} in pod {i} timed out", sdk.name()))
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} in pod {i} printed no result ({}); stdout: {stdout}\nstderr: {}",
+                    sdk.name(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        serde_json::from_str(line).unwrap()
+    }
+}
+
+fn assumed(role: &str, pod: usize) -> String {
+    let name = role.rsplit('/').next().unwrap();
+    format!("arn:aws:sts::123456789012:assumed-role/{name}/{NS}.app-{pod}")
+}
+
+/// The whole check for one SDK: its own bed, the agent with its host redirect, two pods with
+/// different roles at once, then the roleless pod.
+async fn sdk_gets_its_own_pods_role(sdk: Sdk) {
+    let Some(argv) = sdk.argv_or_skip() else {
+        return;
+    };
+    let name = sdk.name();
+    let b = bed(name).await;
+    let mut agent = b.start_agent();
+    b.wait_ready().await;
+
+    let (r, w) = tokio::join!(b.client(0, sdk, &argv), b.client(1, sdk, &argv));
+    let log = || b.agent_log();
+    assert_eq!(r["ok"], true, "{name} pod 0: {r}\nagent log:\n{}", log());
+    assert_eq!(r["arn"], assumed(READER, 0), "{name} pod 0: {r}");
+    assert_eq!(w["ok"], true, "{name} pod 1: {w}\nagent log:\n{}", log());
+    assert_eq!(w["arn"], assumed(WRITER, 1), "{name} pod 1: {w}");
+    let (version, provider) = sdk.expect();
+    for v in [&r, &w] {
+        assert!(
+            v["sdk"].as_str().is_some_and(|s| s.starts_with(version)),
+            "{name} is {version}: {v}"
+        );
+        assert_eq!(
+            v["method"], provider,
+            "{name} got them from instance metadata: {v}"
+        );
+        assert_eq!(v["access_key_prefix"], "ASIA", "temporary credentials: {v}");
+        eprintln!("{name}: {v}");
+    }
+
+    // The pod without a role: the agent tells its SDK there is no role (404 on the role list),
+    // and the SDK's chain ends with no credentials at all.
+    let no_role_before = b.served("role_list", "404");
+    let none = b.client(2, sdk, &argv).await;
+    assert_eq!(none["ok"], false, "{name} pod 2: {none}");
+    assert!(
+        none["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("no credentials")),
+        "{name} pod 2 fails in its credential chain, not later: {none}"
+    );
+    assert!(
+        b.served("role_list", "404") > no_role_before,
+        "{name} pod 2 asked the agent and was told it has no role\n{}",
+        log()
+    );
+
+    // IMDSv1 from the old SDKs; IMDSv2 session tokens from the current ones (which were
+    // forbidden to fall back to IMDSv1).
+    let tokens = b.served("token", "200");
+    if sdk.imds_v2() {
+        assert!(tokens >= 2, "{name}: {tokens} IMDSv2 tokens issued");
+    } else {
+        assert_eq!(tokens, 0, "{name} knows nothing of IMDSv2 tokens");
+    }
+
+    // The node's role: never asked for upstream, never handed out.
+    let upstream = b.upstream.requests();
+    assert!(
+        upstream.iter().all(|(_, p)| !p.contains("/iam/")),
+        "{upstream:?}"
+    );
+    assert!(!log().contains(NODE_ROLE_KEY_ID));
+    assert!(log().contains("credentials vended"), "{}", log());
+
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(
+        status.success(),
+        "clean exit after SIGTERM: {status}\n{}",
+        log()
+    );
+}
+
+#[tokio::test]
+async fn legacy_java_sdk_1_11_gets_its_own_pods_role_through_the_redirect() {
+    sdk_gets_its_own_pods_role(Sdk::JavaLegacy).await;
+}
+
+#[tokio::test]
+async fn legacy_go_sdk_v1_gets_its_own_pods_role_through_the_redirect() {
+    sdk_gets_its_own_pods_role(Sdk::GoLegacy).await;
+}
+
+#[tokio::test]
+async fn current_go_sdk_v2_gets_its_own_pods_role_with_imdsv2() {
+    sdk_gets_its_own_pods_role(Sdk::GoCurrent).await;
+}
+
+#[tokio::test]
+async fn current_java_sdk_v2_gets_its_own_pods_role_with_imdsv2() {
+    sdk_gets_its_own_pods_role(Sdk::JavaCurrent).await;
+}
