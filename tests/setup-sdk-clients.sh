@@ -16,6 +16,9 @@ here="$(cd "$(dirname "$0")" && pwd)"
 cache="${IRSA_TESTBED_CACHE:-/var/cache/irsa-imds-testbed}"
 out="$cache/sdk-clients"
 mkdir -p "$cache/bin" "$out/logs" "$out/stamps"
+# One build at a time per cache (two checkouts may run their setup at once).
+exec 9>"$out/.lock"
+flock 9
 
 say() { printf '[setup-sdk-clients] %s\n' "$*"; }
 trap 'say "error: unexpected failure (line $LINENO)" >&2' ERR

@@ -274,10 +274,17 @@ impl Bed {
         }
         cmd.args(argv).arg(&sts);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let started = std::time::Instant::now();
         let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
             .await
             .unwrap_or_else(|_| panic!("{} in pod {i} timed out", sdk.name()))
             .unwrap();
+        // For the record (no assertion on speed): one process start to exit, SDK chain and STS.
+        eprintln!(
+            "{} in pod {i}: {} ms",
+            sdk.name(),
+            started.elapsed().as_millis()
+        );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let line = stdout
             .lines()
