@@ -23,8 +23,13 @@ flock 9
 say() { printf '[setup-sdk-clients] %s\n' "$*"; }
 trap 'say "error: unexpected failure (line $LINENO)" >&2' ERR
 
-export GOPATH="$cache/go" GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build"
+# Static binaries; the same module and build caches as the other Go builds of the test bed.
+export GOPATH="$cache/go" GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" CGO_ENABLED=0
 export GOTOOLCHAIN=local GOFLAGS="-mod=readonly -modcacherw -buildvcs=false"
+# Go's own install folder, in case this shell's PATH lacks it.
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+  export PATH="$PATH:/usr/local/go/bin"
+fi
 mvn_args=(-B -q -Dstyle.color=never "-Dmaven.repo.local=$cache/m2")
 
 # A hash of a client's sources (and the toolchain that builds it).
@@ -63,7 +68,7 @@ build() {
 
 # --- Go ----------------------------------------------------------------------------------------
 if command -v go >/dev/null 2>&1; then
-  gov="$(go version)" || gov="go version failed"
+  gov="$(go version) CGO_ENABLED=$CGO_ENABLED" || gov="go version failed"
   for name in go-legacy go-current; do
     build "$name" "$cache/bin/$name-client" "$gov" \
       go build -trimpath -o "$cache/bin/$name-client" .
