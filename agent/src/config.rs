@@ -6,19 +6,12 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-/// Served credentials keep at least this long before `Expiration` while STS answers: SDKs refresh
-/// 5–15 minutes before expiry and some refetch on every call inside that window.
-pub const MIN_SERVED_REMAINING: Duration = Duration::from_secs(30 * 60);
-
-/// Default upstream allow-list: what SDKs read for region and identity. Never the node's
-/// credentials, which are refused whatever this list says.
-pub const DEFAULT_UPSTREAM_ALLOW: &[&str] = &[
-    "meta-data/placement/*",
-    "meta-data/instance-id",
-    "meta-data/instance-type",
-    "meta-data/services/*",
-    "dynamic/instance-identity/document",
-];
+use crate::identity::freshness::{
+    CREDENTIAL_DURATION_RANGE, DEFAULT_CREDENTIAL_DURATION, DEFAULT_REFRESH_AT,
+    MIN_SERVED_REMAINING,
+};
+use crate::imds::DEFAULT_UPSTREAM_ALLOW;
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ImdsV2 {
@@ -26,12 +19,6 @@ pub enum ImdsV2 {
     Optional,
     /// GETs without a session token get 401, as on an instance with `HttpTokens=required`.
     Required,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -80,11 +67,11 @@ pub struct Config {
     pub imds_v2: ImdsV2,
 
     /// Session duration asked of STS (the role's MaxSessionDuration must allow it).
-    #[arg(long, env = "IRSA_IMDS_CREDENTIAL_DURATION", value_parser = parse_duration, default_value = "1h")]
+    #[arg(long, env = "IRSA_IMDS_CREDENTIAL_DURATION", value_parser = parse_duration, default_value = DEFAULT_CREDENTIAL_DURATION)]
     pub credential_duration: Duration,
 
     /// Refresh cached credentials once they have this little left (must exceed 30m, the least ever served).
-    #[arg(long = "refresh-at", env = "IRSA_IMDS_REFRESH_AT", value_parser = parse_duration, default_value = "45m")]
+    #[arg(long = "refresh-at", env = "IRSA_IMDS_REFRESH_AT", value_parser = parse_duration, default_value = DEFAULT_REFRESH_AT)]
     pub refresh_at_remaining: Duration,
 
     /// How long a request from a not-yet-known pod waits for its registration or watch event.
@@ -148,10 +135,10 @@ impl Config {
         if self.node_name.trim().is_empty() {
             return Err("--node-name (NODE_NAME) must not be empty".into());
         }
-        let d = self.credential_duration.as_secs();
-        if !(900..=43_200).contains(&d) {
+        if !CREDENTIAL_DURATION_RANGE.contains(&self.credential_duration) {
             return Err(format!(
-                "--credential-duration must be between 15m and 12h (STS limits), got {d}s"
+                "--credential-duration must be between 15m and 12h (STS limits), got {}s",
+                self.credential_duration.as_secs()
             ));
         }
         if self.refresh_at_remaining <= MIN_SERVED_REMAINING {

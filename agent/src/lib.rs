@@ -9,6 +9,9 @@
 //! - [`netfilter`]: the host-mode redirect rule.
 //! - [`telemetry`]: logs, metrics, events.
 //! - [`server`]: the listeners and the process life cycle that ties the rest together.
+//!
+//! Imports run downwards only: `server` > `config` > `upstream`, `netfilter`, `imds` > `identity`
+//! > `pods` > `telemetry`.
 
 pub mod config;
 pub mod identity;

@@ -23,10 +23,10 @@ async fn main() {
     }
     let listeners = match Listeners::bind(&cfg).await {
         Ok(l) => l,
-        Err(e) => fail(&e.to_string()),
+        Err(e) => fail(&chain(&e)),
     };
     if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
-        fail(&e.to_string());
+        fail(&chain(&e));
     }
 }
 
@@ -43,6 +43,18 @@ async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM: draining"),
         _ = int.recv() => tracing::info!("SIGINT: draining"),
     }
+}
+
+/// The error and every cause under it, `outer: inner: root`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        msg.push_str(": ");
+        msg.push_str(&c.to_string());
+        cause = c.source();
+    }
+    msg
 }
 
 fn fail(msg: &str) -> ! {

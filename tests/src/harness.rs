@@ -11,7 +11,7 @@ use clap::Parser;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use irsa_imds_agent::identity::{RoleExchange, SystemClock};
+use irsa_imds_agent::identity::RoleExchange;
 use irsa_imds_agent::telemetry::Metrics;
 use irsa_imds_agent::{Config, Deps, Listeners, RunError, run_with};
 use tokio::net::{TcpListener, TcpSocket};
@@ -77,12 +77,7 @@ impl Agent {
         let ops = TcpListener::bind("127.0.0.1:0").await?;
         let (imds_addr, ops_addr) = (imds.local_addr()?, ops.local_addr()?);
         let metrics = Arc::new(Metrics::new());
-        let deps = Deps {
-            kube: kube.client(),
-            sts,
-            clock: Arc::new(SystemClock),
-            metrics: metrics.clone(),
-        };
+        let deps = Deps::from_kube(kube.client(), sts, metrics.clone(), None);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(run_with(cfg, deps, Listeners { imds, ops }, async move {
             let _ = rx.await;
@@ -137,6 +132,30 @@ impl Agent {
         request(self.imds, src.parse()?, Method::GET, path, &[]).await
     }
 
+    /// GET from `src` with a fresh IMDSv2 session token, so it works whether or not v2 is
+    /// required.
+    pub async fn get_with_token(&self, src: &str, path: &str) -> anyhow::Result<Reply> {
+        let tok = self.token(src, 60).await?;
+        request(
+            self.imds,
+            src.parse()?,
+            Method::GET,
+            path,
+            &[("x-aws-ec2-metadata-token", &tok)],
+        )
+        .await
+    }
+
+    /// Waits until `src` is served `path` with 200 through a session token issued to it: the
+    /// agent knows the pod at `src` (a token issued before that is bound to the address only).
+    pub async fn wait_served(&self, src: &str, path: &str, within: Duration) -> anyhow::Result<()> {
+        wait_for(within, || async {
+            matches!(self.get_with_token(src, path).await, Ok(r) if r.status == StatusCode::OK)
+        })
+        .await
+        .with_context(|| format!("{src} never served {path}"))
+    }
+
     /// IMDSv2: a session token from `src`.
     pub async fn token(&self, src: &str, ttl: u32) -> anyhow::Result<String> {
         let r = request(
@@ -174,6 +193,13 @@ impl Reply {
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
         serde_json::from_slice(&self.body).with_context(|| format!("not JSON: {}", self.text()))
     }
+}
+
+/// The agent's STS client, pointed at an emulator's `endpoint` in us-east-1.
+pub async fn sdk_sts(endpoint: String) -> Arc<irsa_imds_agent::identity::sts::SdkSts> {
+    Arc::new(
+        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), endpoint).await,
+    )
 }
 
 /// One HTTP/1.1 request to `to`, sent from source address `src`.

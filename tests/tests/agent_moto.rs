@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -54,10 +53,7 @@ async fn served_credentials_are_the_ones_sts_issued_for_each_pods_role() {
         &[(ANN, "arn:aws:iam::123456789012:role/payments/pay-role")],
     );
     kube.apply_service_account("shop", "none", &[]);
-    let sts = Arc::new(
-        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), moto.endpoint())
-            .await,
-    );
+    let sts = testbed::harness::sdk_sts(moto.endpoint()).await;
     let agent = Agent::start(&kube, sts, &upstream.url(), &[])
         .await
         .unwrap();

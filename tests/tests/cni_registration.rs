@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -64,10 +63,7 @@ async fn bed(tag: &str) -> Bed {
     }
     let dir = testbed::util::TempDir::new(&format!("cni-{tag}")).unwrap();
     let sock = dir.path().join("cni.sock");
-    let exchange = Arc::new(
-        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
-            .await,
-    );
+    let exchange = testbed::harness::sdk_sts(sts.endpoint()).await;
     let sock_s = sock.display().to_string();
     let agent = Agent::start(
         &kube,

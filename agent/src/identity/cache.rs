@@ -6,29 +6,27 @@
 //!   background once they have `refresh_at_remaining` left, with jittered backoff on failure.
 //! - While STS is down, unexpired credentials are served down to [`EXPIRY_SKEW`]; never expired ones.
 //! - Refusals (AccessDenied, a bad trust policy) are remembered for `negative_ttl`, not hammered.
+//!
+//! The numbers are in [`super::freshness`].
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use super::freshness::{
+    EXPIRY_SKEW, MIN_SERVED_REMAINING, REFRESH_BACKOFF_BASE, REFRESH_BACKOFF_MAX,
+    SHORT_SESSION_GRACE,
+};
 use super::{
     AssumeRequest, Clock, Credentials, IdentityError, RoleExchange, RoleSpec, TokenMinter,
-    session_name,
+    outcome_label, session_name,
 };
-use crate::config::MIN_SERVED_REMAINING;
 use crate::pods::PodInfo;
 use crate::telemetry::Metrics;
 
-/// Credentials this close to expiry are never served: clocks differ and a request takes time.
-pub const EXPIRY_SKEW: Duration = Duration::from_secs(60);
-/// When STS hands out sessions shorter than 30 minutes (a role's limit, role chaining), a set
-/// this young is served as it is instead of refetched on every request.
-const SHORT_SESSION_GRACE: Duration = Duration::from_secs(5 * 60);
 /// Retries of one exchange before the error is reported (the request is waiting).
 const MAX_ATTEMPTS: u32 = 3;
 const RETRY_BASE: Duration = Duration::from_millis(100);
-const REFRESH_BACKOFF_BASE: Duration = Duration::from_secs(5);
-const REFRESH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct CacheSettings {
@@ -235,7 +233,7 @@ impl CredentialCache {
             .minter
             .mint(pod, &role.audience, role.token_expiration_secs)
             .await;
-        self.metrics.count_token_request(&token);
+        self.metrics.count_token_request(outcome_label(&token));
         let req = AssumeRequest {
             role_arn: role.role_arn.clone(),
             session_name: session_name(&pod.namespace, &pod.name),
@@ -244,7 +242,7 @@ impl CredentialCache {
             regional: role.regional_sts,
         };
         let r = self.sts.assume(&req).await;
-        self.metrics.count_sts_call(&r);
+        self.metrics.count_sts_call(outcome_label(&r));
         r
     }
 

@@ -4,8 +4,9 @@
 //! The seams ([`ServiceAccounts`], [`TokenMinter`], [`RoleExchange`], [`Clock`]) are traits so unit
 //! tests use fakes and the end-to-end tests use the real API server and STS.
 
+pub mod apiserver;
 pub mod cache;
-pub mod kube;
+pub mod freshness;
 pub mod roles;
 pub mod sts;
 
@@ -106,6 +107,14 @@ impl IdentityError {
             IdentityError::InvalidRole { .. } => "invalid_role",
             IdentityError::PodGone { .. } => "pod_gone",
         }
+    }
+}
+
+/// `success`, or the error's metric label: the outcome of one call, for counting.
+pub fn outcome_label<T>(r: &Result<T, IdentityError>) -> &'static str {
+    match r {
+        Ok(_) => "success",
+        Err(e) => e.metric_label(),
     }
 }
 

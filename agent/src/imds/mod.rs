@@ -1,13 +1,18 @@
 //! The IMDS wire protocol, pure: a request's method, path and headers become a [`Route`] or a
-//! ready [`Reply`]; response bodies are built from plain values. No I/O here, so every rule of
-//! DESIGN §3 is unit-tested from raw inputs.
+//! ready [`Reply`]; [`respond`] makes every decision from there, over three seams and a clock;
+//! response bodies are built from plain values. No I/O here, so every rule of DESIGN §3 is
+//! unit-tested from raw inputs.
 
+pub mod respond;
 pub mod token;
 pub mod wire;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
+pub use respond::{
+    Answer, Callers, CredentialSource, Decision, Protocol, RequestHead, Roles, Seams,
+};
 pub use token::{TokenAuthority, TokenError};
 
 pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
@@ -77,10 +82,23 @@ impl Reply {
     }
 }
 
-/// The operator's choices that shape routing.
+/// Default upstream allow-list: what SDKs read for region and identity. Never the node's
+/// credentials, which are refused whatever this list says.
+pub const DEFAULT_UPSTREAM_ALLOW: &[&str] = &[
+    "meta-data/placement/*",
+    "meta-data/instance-id",
+    "meta-data/instance-type",
+    "meta-data/services/*",
+    "dynamic/instance-identity/document",
+];
+
+/// The operator's choices that shape the protocol.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// Metadata paths (below the version) passed through; `*` at the end matches a subtree.
     pub upstream_allow: Vec<String>,
+    /// GETs without a session token get 401, as with `HttpTokens=required`.
+    pub v2_required: bool,
 }
 
 /// Routes a request, or answers it outright when the protocol already decides (405, 403, 400, 404).
@@ -289,7 +307,6 @@ fn is_dated_version(v: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_UPSTREAM_ALLOW;
 
     fn policy() -> Policy {
         Policy {
@@ -297,6 +314,7 @@ mod tests {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            v2_required: false,
         }
     }
 
@@ -432,6 +450,7 @@ mod tests {
         }
         let p = Policy {
             upstream_allow: vec!["*".into(), "user-data".into(), "meta-data/iam/*".into()],
+            v2_required: false,
         };
         assert!(route(&Method::GET, "/latest/user-data", &HeaderMap::new(), &p).is_err());
     }
@@ -530,6 +549,7 @@ mod tests {
         // A wide allow-list still never reaches the node's secrets or signed identity.
         let wide = Policy {
             upstream_allow: vec!["meta-data/*".into(), "dynamic/*".into()],
+            v2_required: false,
         };
         for p in [
             "/latest/dynamic/instance-identity/pkcs7",

@@ -7,6 +7,7 @@
 //! - two live pods claiming one IP: refused, never guessed; hostNetwork IPs: refused;
 //! - not known yet: the caller waits, bounded, for the registration or the watch event.
 
+pub mod confirm;
 pub mod registration;
 pub mod watch;
 

@@ -8,7 +8,6 @@
 //! 2. Mass pod start: N pods appear at once; time until every one is served, and how many
 //!    TokenRequests and STS calls that cost (the ceiling is N of each).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
@@ -86,10 +85,7 @@ async fn main() -> anyhow::Result<()> {
         &[(ANN, "arn:aws:iam::123456789012:role/bench")],
     );
     testbed::harness::install_crypto();
-    let exchange = Arc::new(
-        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
-            .await,
-    );
+    let exchange = testbed::harness::sdk_sts(sts.endpoint()).await;
     let agent = Agent::start(
         &kube,
         exchange,

@@ -6,7 +6,6 @@
 //! `cargo run -p irsa-imds-testbed --bin demo` serves until Ctrl-C; `-- --check` queries the
 //! agent itself, prints what it got and exits (non-zero if anything is off).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -65,13 +64,7 @@ async fn main() -> anyhow::Result<()> {
         kube.apply_service_account("demo", p.sa, &ann);
     }
     testbed::harness::install_crypto();
-    let sts = Arc::new(
-        irsa_imds_agent::identity::sts::SdkSts::with_endpoint(
-            "us-east-1".into(),
-            sts_endpoint.clone(),
-        )
-        .await,
-    );
+    let sts = testbed::harness::sdk_sts(sts_endpoint.clone()).await;
     let agent = Agent::start(&kube, sts, &upstream.url(), &[]).await?;
     for p in PODS {
         kube.create_pod(pod("demo", p.name, NODE, p.sa, &[p.ip]));

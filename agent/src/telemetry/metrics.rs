@@ -1,7 +1,8 @@
-//! Logs, metrics and Kubernetes Events.
+//! Prometheus metrics, `irsa_imds_*`.
 //!
-//! Metrics live in a registry the caller injects, so each test owns its own. Labels come from
-//! `metric_label()` methods, never from `Debug`. Nothing secret is ever a label or a log field.
+//! Each `Metrics` owns its registry, so each test owns its own. Labels are `&'static str` that
+//! the callers take from their `metric_label()` methods, never from `Debug`: nothing secret is
+//! ever a label, and this module needs none of the callers' types.
 
 use std::sync::Mutex;
 
@@ -11,9 +12,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::config::LogFormat;
-use crate::identity::{Credentials, IdentityError, Secret};
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -122,15 +120,17 @@ impl Metrics {
         self.lookups.get_or_create(&vec![("result", result)]).inc();
     }
 
-    pub fn count_token_request(&self, r: &Result<Secret, IdentityError>) {
+    /// A TokenRequest call: `success` or the error's metric label.
+    pub fn count_token_request(&self, outcome: &'static str) {
         self.token_requests
-            .get_or_create(&vec![("outcome", outcome(r))])
+            .get_or_create(&vec![("outcome", outcome)])
             .inc();
     }
 
-    pub fn count_sts_call(&self, r: &Result<Credentials, IdentityError>) {
+    /// An `AssumeRoleWithWebIdentity` call: `success` or the error's metric label.
+    pub fn count_sts_call(&self, outcome: &'static str) {
         self.sts_calls
-            .get_or_create(&vec![("outcome", outcome(r))])
+            .get_or_create(&vec![("outcome", outcome)])
             .inc();
     }
 
@@ -180,13 +180,6 @@ impl Metrics {
     }
 }
 
-fn outcome<T>(r: &Result<T, IdentityError>) -> &'static str {
-    match r {
-        Ok(_) => "success",
-        Err(e) => e.metric_label(),
-    }
-}
-
 fn status_label(s: u16) -> &'static str {
     match s {
         200 => "200",
@@ -201,22 +194,6 @@ fn status_label(s: u16) -> &'static str {
     }
 }
 
-/// Installs the global subscriber (JSON in-cluster by default; `RUST_LOG` filters).
-pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never in files or log collectors.
-        .with_ansi(std::io::stderr().is_terminal());
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,10 +202,7 @@ mod tests {
     fn exposition_uses_project_names_and_suffixes() {
         let m = Metrics::new();
         m.request("credentials", 200, 0.001);
-        m.count_sts_call(&Err(IdentityError::StsRejected {
-            code: "AccessDenied".into(),
-            message: "x".into(),
-        }));
+        m.count_sts_call("sts_rejected");
         let text = m.encode();
         assert!(
             text.contains("irsa_imds_requests_total{route=\"credentials\",code=\"200\"} 1"),

@@ -1,4 +1,4 @@
-//! The Kubernetes side of identity: ServiceAccount reads and TokenRequests bound to the pod.
+//! The API server side of identity: ServiceAccount reads and TokenRequests bound to the pod.
 
 use std::collections::BTreeMap;
 
@@ -13,13 +13,13 @@ use crate::pods::PodInfo;
 
 /// ServiceAccount reads and TokenRequests through a kube client.
 #[derive(Clone)]
-pub struct KubeIdentity {
+pub struct ApiServer {
     client: kube::Client,
 }
 
-impl KubeIdentity {
+impl ApiServer {
     pub fn new(client: kube::Client) -> Self {
-        KubeIdentity { client }
+        ApiServer { client }
     }
 }
 
@@ -36,7 +36,7 @@ fn kube_error(e: kube::Error) -> IdentityError {
     }
 }
 
-impl ServiceAccounts for KubeIdentity {
+impl ServiceAccounts for ApiServer {
     fn annotations<'a>(
         &'a self,
         namespace: &'a str,
@@ -50,7 +50,7 @@ impl ServiceAccounts for KubeIdentity {
     }
 }
 
-impl TokenMinter for KubeIdentity {
+impl TokenMinter for ApiServer {
     fn mint<'a>(
         &'a self,
         pod: &'a PodInfo,

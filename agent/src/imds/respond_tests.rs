@@ -1,0 +1,580 @@
+//! The wire contract (DESIGN §3) from raw inputs: method, path, headers, the caller's address,
+//! fake seams and a clock that only moves when told.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::*;
+use crate::identity::Secret;
+use crate::imds::{DEFAULT_UPSTREAM_ALLOW, TOKEN_HEADER};
+
+const ROLE_A: &str = "arn:aws:iam::123456789012:role/team-a/reader";
+const ROLE_B: &str = "arn:aws:iam::123456789012:role/writer";
+const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
+const POD_A: &str = "10.0.0.41";
+const POD_B: &str = "10.0.0.42";
+const NO_ROLE: &str = "10.0.0.43";
+const HOST_NET: &str = "10.0.0.44";
+const STRANGER: &str = "10.0.0.99";
+
+struct FakeCallers(HashMap<IpAddr, Lookup>);
+
+impl Callers for FakeCallers {
+    fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup> {
+        let l = self.0.get(&ip).cloned().unwrap_or(Lookup::Unknown);
+        Box::pin(async move { l })
+    }
+}
+
+type RoleAnswer = Result<Option<Arc<RoleSpec>>, IdentityError>;
+
+struct FakeRoles(Mutex<HashMap<String, RoleAnswer>>);
+
+impl Roles for FakeRoles {
+    fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, RoleAnswer> {
+        let r = self.0.lock().unwrap().get(&pod.service_account).cloned();
+        Box::pin(async move { r.unwrap_or(Ok(None)) })
+    }
+}
+
+/// Credentials by role ARN; counts how often it was asked.
+struct FakeCreds {
+    answers: Mutex<HashMap<String, Result<Credentials, IdentityError>>>,
+    asked: AtomicUsize,
+}
+
+impl CredentialSource for FakeCreds {
+    fn credentials<'a>(
+        &'a self,
+        _pod: &'a Arc<PodInfo>,
+        role: &'a Arc<RoleSpec>,
+    ) -> BoxFuture<'a, Result<Credentials, IdentityError>> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        let r = self.answers.lock().unwrap().get(&role.role_arn).cloned();
+        Box::pin(async move { r.expect("no credentials scripted for this role") })
+    }
+}
+
+struct FakeClock(Mutex<SystemTime>);
+
+impl Clock for FakeClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+fn t0() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_795_000_000)
+}
+
+fn pod(uid: &str, name: &str, sa: &str, ip: &str) -> Arc<PodInfo> {
+    Arc::new(PodInfo {
+        uid: uid.into(),
+        namespace: "apps".into(),
+        name: name.into(),
+        service_account: sa.into(),
+        node_name: Some("node-1".into()),
+        ips: vec![ip.parse().unwrap()],
+        host_network: false,
+        terminal: false,
+    })
+}
+
+fn role(arn: &str) -> Arc<RoleSpec> {
+    Arc::new(RoleSpec {
+        role_arn: arn.into(),
+        audience: "sts.amazonaws.com".into(),
+        token_expiration_secs: 3600,
+        regional_sts: true,
+    })
+}
+
+fn creds(key: &str) -> Credentials {
+    Credentials {
+        access_key_id: key.into(),
+        secret_access_key: Secret::new("secret"),
+        session_token: Secret::new("session"),
+        expiration: t0() + Duration::from_secs(3600),
+        issued_at: t0(),
+    }
+}
+
+struct Bed {
+    callers: FakeCallers,
+    roles: FakeRoles,
+    creds: FakeCreds,
+    clock: FakeClock,
+    protocol: Protocol,
+}
+
+fn bed() -> Bed {
+    bed_with(false)
+}
+
+/// Pod a (role reader), pod b (role writer), a pod without a role, a hostNetwork address.
+fn bed_with(v2_required: bool) -> Bed {
+    let callers = FakeCallers(HashMap::from([
+        (
+            POD_A.parse().unwrap(),
+            Lookup::Found(pod("uid-a", "a", "reader", POD_A)),
+        ),
+        (
+            POD_B.parse().unwrap(),
+            Lookup::Found(pod("uid-b", "b", "writer", POD_B)),
+        ),
+        (
+            NO_ROLE.parse().unwrap(),
+            Lookup::Found(pod("uid-c", "c", "plain", NO_ROLE)),
+        ),
+        (HOST_NET.parse().unwrap(), Lookup::HostNetwork),
+    ]));
+    let roles = FakeRoles(Mutex::new(HashMap::from([
+        ("reader".to_string(), Ok(Some(role(ROLE_A)))),
+        ("writer".to_string(), Ok(Some(role(ROLE_B)))),
+    ])));
+    let creds = FakeCreds {
+        answers: Mutex::new(HashMap::from([
+            (ROLE_A.to_string(), Ok(creds("ASIAREADER"))),
+            (ROLE_B.to_string(), Ok(creds("ASIAWRITER"))),
+        ])),
+        asked: AtomicUsize::new(0),
+    };
+    let policy = Policy {
+        upstream_allow: DEFAULT_UPSTREAM_ALLOW
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        v2_required,
+    };
+    Bed {
+        callers,
+        roles,
+        creds,
+        clock: FakeClock(Mutex::new(t0())),
+        protocol: Protocol::new(TokenAuthority::new().unwrap(), policy),
+    }
+}
+
+impl Bed {
+    async fn answer(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        ip: &str,
+    ) -> Answer {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let head = RequestHead {
+            method: &method,
+            path,
+            headers: &h,
+        };
+        let seams = Seams {
+            callers: &self.callers,
+            roles: &self.roles,
+            credentials: &self.creds,
+            clock: &self.clock,
+        };
+        self.protocol
+            .decide(head, ip.parse().unwrap(), seams)
+            .await
+            .answer
+    }
+
+    async fn reply(&self, method: Method, path: &str, headers: &[(&str, &str)], ip: &str) -> Reply {
+        match self.answer(method, path, headers, ip).await {
+            Answer::Reply(r) => r,
+            Answer::Upstream { path } => panic!("sent upstream to {path}"),
+        }
+    }
+
+    async fn get(&self, ip: &str, path: &str) -> Reply {
+        self.reply(Method::GET, path, &[], ip).await
+    }
+
+    async fn get_with_token(&self, ip: &str, path: &str, token: &str) -> Reply {
+        self.reply(Method::GET, path, &[(TOKEN_HEADER, token)], ip)
+            .await
+    }
+
+    async fn put_token(&self, ip: &str, headers: &[(&str, &str)]) -> Reply {
+        self.reply(Method::PUT, "/latest/api/token", headers, ip)
+            .await
+    }
+
+    async fn token(&self, ip: &str, ttl: &str) -> String {
+        let r = self.put_token(ip, &[(TTL_HEADER, ttl)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        text(&r)
+    }
+
+    fn advance(&self, d: Duration) {
+        *self.clock.0.lock().unwrap() += d;
+    }
+}
+
+fn text(r: &Reply) -> String {
+    String::from_utf8(r.body.to_vec()).unwrap()
+}
+
+fn json(r: &Reply) -> serde_json::Value {
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {}", text(r)))
+}
+
+#[tokio::test]
+async fn listing_is_the_role_name_without_trailing_newline() {
+    let b = bed();
+    for path in [CREDS, "/latest/meta-data/iam/security-credentials"] {
+        let r = b.get(POD_A, path).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(text(&r), "reader", "exactly the name, no newline");
+    }
+}
+
+#[tokio::test]
+async fn credentials_have_exactly_the_ec2_fields_and_formats() {
+    let b = bed();
+    let r = b.get(POD_A, &format!("{CREDS}reader")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = json(&r);
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|s| s.as_str()).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "AccessKeyId",
+            "Code",
+            "Expiration",
+            "LastUpdated",
+            "SecretAccessKey",
+            "Token",
+            "Type"
+        ]
+    );
+    assert_eq!(v["Code"], "Success");
+    assert_eq!(v["Type"], "AWS-HMAC");
+    assert_eq!(v["AccessKeyId"], "ASIAREADER");
+    assert_eq!(v["LastUpdated"], "2026-11-18T11:06:40Z");
+    assert_eq!(v["Expiration"], "2026-11-18T12:06:40Z");
+}
+
+#[tokio::test]
+async fn each_pod_sees_only_its_own_role() {
+    let b = bed();
+    assert_eq!(
+        json(&b.get(POD_B, &format!("{CREDS}writer")).await)["AccessKeyId"],
+        "ASIAWRITER"
+    );
+    for (ip, other) in [(POD_A, "writer"), (POD_B, "reader"), (POD_A, "node-role")] {
+        let r = b.get(ip, &format!("{CREDS}{other}")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{ip} asks for {other}");
+    }
+}
+
+#[tokio::test]
+async fn callers_without_a_role_get_nothing_and_never_the_nodes() {
+    let b = bed();
+    for ip in [NO_ROLE, HOST_NET, STRANGER] {
+        for path in [
+            CREDS.to_string(),
+            format!("{CREDS}node-role"),
+            format!("{CREDS}reader"),
+            "/latest/meta-data/iam/info".to_string(),
+            "/latest/meta-data/iam/".to_string(),
+        ] {
+            let r = b.get(ip, &path).await;
+            assert_eq!(r.status, StatusCode::NOT_FOUND, "{ip} {path}");
+            assert!(!text(&r).contains("node-role"), "{ip} {path}");
+        }
+    }
+    assert_eq!(b.creds.asked.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn iam_index_and_info_describe_the_pods_role() {
+    let b = bed();
+    let idx = b.get(POD_A, "/latest/meta-data/iam/").await;
+    assert_eq!(
+        (idx.status, text(&idx).as_str()),
+        (StatusCode::OK, "info\nsecurity-credentials/")
+    );
+    let info = json(&b.get(POD_A, "/latest/meta-data/iam/info").await);
+    assert_eq!(
+        info["InstanceProfileArn"],
+        "arn:aws:iam::123456789012:instance-profile/team-a/reader"
+    );
+    assert_eq!(info["Code"], "Success");
+}
+
+#[tokio::test]
+async fn token_put_answers_with_the_ttl_header() {
+    let b = bed();
+    let ok = b.put_token(POD_A, &[(TTL_HEADER, "300")]).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.headers, vec![(TTL_HEADER, "300".to_string())]);
+    assert!(!ok.body.is_empty());
+}
+
+#[tokio::test]
+async fn token_put_with_a_bad_or_missing_ttl_is_400() {
+    let b = bed();
+    for bad in ["0", "21601", "abc", ""] {
+        let r = b.put_token(POD_A, &[(TTL_HEADER, bad)]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "ttl {bad:?}");
+    }
+    assert_eq!(
+        b.put_token(POD_A, &[]).await.status,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn token_put_through_a_proxy_is_403() {
+    let b = bed();
+    let xff = b
+        .put_token(
+            POD_A,
+            &[(TTL_HEADER, "300"), ("x-forwarded-for", "1.2.3.4")],
+        )
+        .await;
+    assert_eq!(xff.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn tokens_are_bound_to_the_pod() {
+    let b = bed();
+    let token = b.token(POD_A, "300").await;
+    let mine = b.get_with_token(POD_A, CREDS, &token).await;
+    assert_eq!(
+        (mine.status, text(&mine).as_str()),
+        (StatusCode::OK, "reader")
+    );
+    // Pod b presents pod a's token: 401.
+    assert_eq!(
+        b.get_with_token(POD_B, CREDS, &token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        b.get_with_token(POD_A, CREDS, "garbage").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let longer = format!("{token}x");
+    assert_eq!(
+        b.get_with_token(POD_A, CREDS, &longer).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn tokens_expire_at_their_ttl() {
+    let b = bed();
+    let token = b.token(POD_A, "60").await;
+    b.advance(Duration::from_secs(59));
+    assert_eq!(
+        b.get_with_token(POD_A, CREDS, &token).await.status,
+        StatusCode::OK
+    );
+    b.advance(Duration::from_secs(1));
+    assert_eq!(
+        b.get_with_token(POD_A, CREDS, &token).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn a_token_from_before_the_pod_was_known_does_not_serve_the_pod() {
+    let b = bed();
+    let stranger = b.token(STRANGER, "60").await;
+    // Bound to the address, not a pod: another caller (here pod a) cannot use it.
+    assert_eq!(
+        b.get_with_token(POD_A, CREDS, &stranger).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn tokenless_gets_are_served_unless_v2_is_required() {
+    let optional = bed();
+    assert_eq!(optional.get(POD_A, CREDS).await.status, StatusCode::OK);
+    let required = bed_with(true);
+    assert_eq!(
+        required.get(POD_A, CREDS).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        required
+            .get(POD_A, "/latest/meta-data/placement/region")
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED,
+        "no passthrough without a token either"
+    );
+    let token = required.token(POD_A, "60").await;
+    let r = required
+        .get_with_token(POD_A, &format!("{CREDS}reader"), &token)
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(json(&r)["Code"], "Success");
+}
+
+#[tokio::test]
+async fn methods_other_than_get_head_put_are_405() {
+    let b = bed();
+    for m in [Method::POST, Method::DELETE, Method::PATCH] {
+        let d = b.answer(m, CREDS, &[], POD_A).await;
+        assert_eq!(
+            d,
+            Answer::Reply(Reply::status(StatusCode::METHOD_NOT_ALLOWED))
+        );
+    }
+}
+
+#[tokio::test]
+async fn head_answers_without_fetching_credentials() {
+    let b = bed();
+    assert_eq!(
+        b.reply(Method::HEAD, CREDS, &[], POD_A).await.status,
+        StatusCode::OK
+    );
+    let head = b
+        .reply(Method::HEAD, &format!("{CREDS}reader"), &[], POD_A)
+        .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(b.creds.asked.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn node_secrets_are_404_and_never_go_upstream() {
+    let b = bed();
+    for p in [
+        "/latest/user-data",
+        "/latest/meta-data/identity-credentials/ec2/security-credentials/ec2-instance",
+        "/latest/meta-data/iam/security-credentials-extended/reader",
+        "/latest/meta-data/local-ipv4",
+        "/latest/dynamic/instance-identity/pkcs7",
+        "/latest/dynamic/instance-identity/signature",
+    ] {
+        assert_eq!(b.get(POD_A, p).await.status, StatusCode::NOT_FOUND, "{p}");
+    }
+}
+
+#[tokio::test]
+async fn allow_listed_metadata_goes_upstream() {
+    let b = bed();
+    let d = b
+        .answer(
+            Method::GET,
+            "/latest/meta-data/placement/region",
+            &[],
+            POD_A,
+        )
+        .await;
+    assert_eq!(
+        d,
+        Answer::Upstream {
+            path: UpstreamPath::region()
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_role_that_cannot_be_assumed_answers_like_ec2() {
+    let b = bed();
+    b.creds.answers.lock().unwrap().insert(
+        ROLE_B.into(),
+        Err(IdentityError::StsRejected {
+            code: "AccessDenied".into(),
+            message: "not authorized".into(),
+        }),
+    );
+    let r = b.get(POD_B, &format!("{CREDS}writer")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let v = json(&r);
+    assert_eq!(v["Code"], "AssumeRoleUnauthorizedAccess");
+    assert_eq!(v["LastUpdated"], "2026-11-18T11:06:40Z");
+    assert!(
+        v.get("AccessKeyId").is_none()
+            && v.get("Token").is_none()
+            && v.get("SecretAccessKey").is_none()
+    );
+}
+
+#[tokio::test]
+async fn sts_down_is_503_and_a_pod_gone_meanwhile_is_404() {
+    let b = bed();
+    let unavailable = IdentityError::StsUnavailable {
+        code: "Throttling".into(),
+        message: "slow down".into(),
+    };
+    b.creds
+        .answers
+        .lock()
+        .unwrap()
+        .insert(ROLE_A.into(), Err(unavailable));
+    let gone = IdentityError::PodGone {
+        namespace: "apps".into(),
+        name: "b".into(),
+    };
+    b.creds
+        .answers
+        .lock()
+        .unwrap()
+        .insert(ROLE_B.into(), Err(gone));
+    let r = b.get(POD_A, &format!("{CREDS}reader")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        b.get(POD_B, &format!("{CREDS}writer")).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn an_unreadable_service_account_is_500_not_a_guess() {
+    let b = bed();
+    let err = IdentityError::Kube {
+        status: Some(500),
+        message: "etcd".into(),
+    };
+    b.roles.0.lock().unwrap().insert("reader".into(), Err(err));
+    assert_eq!(
+        b.get(POD_A, CREDS).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+}
+
+#[tokio::test]
+async fn decisions_carry_their_route_label() {
+    let b = bed();
+    let seams = Seams {
+        callers: &b.callers,
+        roles: &b.roles,
+        credentials: &b.creds,
+        clock: &b.clock,
+    };
+    let h = HeaderMap::new();
+    let ip = POD_A.parse().unwrap();
+    let head = |method, path| RequestHead {
+        method,
+        path,
+        headers: &h,
+    };
+    let d = b
+        .protocol
+        .decide(head(&Method::POST, CREDS), ip, seams)
+        .await;
+    assert_eq!(d.route, "rejected");
+    let d = b
+        .protocol
+        .decide(head(&Method::GET, CREDS), ip, seams)
+        .await;
+    assert_eq!(d.route, "role_list");
+}

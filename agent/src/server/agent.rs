@@ -1,0 +1,114 @@
+//! The assembled agent: the pod index, the role resolver, the credential cache, the protocol
+//! and the passthrough, shared by every request; and the reactions that tie them together
+//! (prefetch on a pod's arrival, eviction on its departure, confirmation of a CNI ADD).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Deps, RunError};
+use crate::config::{Config, ImdsV2};
+use crate::identity::freshness::NEGATIVE_TTL;
+use crate::identity::{CacheSettings, Clock, CredentialCache, RoleResolver};
+use crate::imds::{Policy, Protocol, TokenAuthority};
+use crate::pods::confirm::{PodSource, confirm};
+use crate::pods::registration::Op;
+use crate::pods::{Change, PodIndex, PodInfo, Registration};
+use crate::telemetry::Metrics;
+use crate::upstream::Upstream;
+
+/// The assembled agent, shared by every request.
+pub(super) struct Agent {
+    pub(super) index: Arc<PodIndex>,
+    pub(super) roles: RoleResolver,
+    pub(super) creds: Arc<CredentialCache>,
+    pub(super) protocol: Protocol,
+    pub(super) upstream: Upstream,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) pod_wait: Duration,
+    pods: Arc<dyn PodSource>,
+    node: String,
+}
+
+impl Agent {
+    pub(super) fn assemble(cfg: &Config, deps: &Deps) -> Result<Agent, RunError> {
+        let settings = CacheSettings {
+            duration: cfg.credential_duration,
+            refresh_at_remaining: cfg.refresh_at_remaining,
+            max_concurrent: cfg.max_concurrent_fetches,
+            rate_per_sec: cfg.fetch_rate,
+            negative_ttl: NEGATIVE_TTL,
+        };
+        let mut creds = CredentialCache::new(
+            deps.tokens.clone(),
+            deps.sts.clone(),
+            deps.clock.clone(),
+            settings,
+            deps.metrics.clone(),
+        );
+        if let Some(hook) = &deps.on_role_failure {
+            creds = creds.with_failure_hook(hook.clone());
+        }
+        let policy = Policy {
+            upstream_allow: cfg.upstream_allow.clone(),
+            v2_required: cfg.imds_v2 == ImdsV2::Required,
+        };
+        Ok(Agent {
+            index: Arc::new(PodIndex::new()),
+            roles: RoleResolver::new(
+                deps.service_accounts.clone(),
+                cfg.role_annotation.clone(),
+                cfg.audience.clone(),
+                cfg.sa_cache_ttl,
+            ),
+            creds: Arc::new(creds),
+            protocol: Protocol::new(TokenAuthority::new().map_err(RunError::Crypto)?, policy),
+            upstream: Upstream::new(&cfg.upstream_imds),
+            metrics: deps.metrics.clone(),
+            clock: deps.clock.clone(),
+            pod_wait: cfg.pod_wait,
+            pods: deps.pods.clone(),
+            node: cfg.node_name.clone(),
+        })
+    }
+
+    pub(super) fn on_change(self: &Arc<Self>, change: Change) {
+        match change {
+            Change::Live(pod) => {
+                let this = self.clone();
+                tokio::spawn(async move { this.prefetch(pod).await });
+            }
+            Change::Gone(pod) => self.creds.evict_pod(&pod.uid),
+        }
+    }
+
+    /// Warms the cache for a pod that just appeared, so its first request is a cache hit.
+    async fn prefetch(&self, pod: Arc<PodInfo>) {
+        match self
+            .roles
+            .resolve(&pod.namespace, &pod.service_account)
+            .await
+        {
+            Ok(Some(role)) => {
+                let _ = self.creds.get(&pod, &role).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(pod = %pod.name, error = %e, "prefetch: cannot read service account")
+            }
+        }
+    }
+
+    pub(super) fn on_registration(self: &Arc<Self>, op: &Op, ok: bool) {
+        self.metrics.registration(op.metric_label(), ok);
+        if let (Op::Add(reg), true) = (op, ok) {
+            let this = self.clone();
+            let reg: Registration = reg.clone();
+            tokio::spawn(async move {
+                if let Some(pod) = confirm(&this.index, &*this.pods, &this.node, &reg).await {
+                    this.prefetch(Arc::new(pod)).await;
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The agent's parts as the protocol's seams: the pod index answers who is calling, the role
+//! resolver which role, the credential cache which credentials.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+
+use super::agent::Agent;
+use crate::identity::{Credentials, IdentityError, RoleSpec};
+use crate::imds::{Callers, CredentialSource, Roles, Seams};
+use crate::pods::{Lookup, PodInfo};
+
+impl Agent {
+    pub(super) fn seams(&self) -> Seams<'_> {
+        Seams {
+            callers: self,
+            roles: self,
+            credentials: self,
+            clock: &*self.clock,
+        }
+    }
+}
+
+impl Callers for Agent {
+    fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup> {
+        Box::pin(async move {
+            let lookup = self.index.resolve(ip, self.pod_wait).await;
+            self.metrics.lookup(lookup.metric_label());
+            lookup
+        })
+    }
+}
+
+impl Roles for Agent {
+    fn role_of<'a>(
+        &'a self,
+        pod: &'a PodInfo,
+    ) -> BoxFuture<'a, Result<Option<Arc<RoleSpec>>, IdentityError>> {
+        Box::pin(self.roles.resolve(&pod.namespace, &pod.service_account))
+    }
+}
+
+impl CredentialSource for Agent {
+    fn credentials<'a>(
+        &'a self,
+        pod: &'a Arc<PodInfo>,
+        role: &'a Arc<RoleSpec>,
+    ) -> BoxFuture<'a, Result<Credentials, IdentityError>> {
+        Box::pin(self.creds.get(pod, role))
+    }
+}

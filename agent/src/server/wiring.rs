@@ -1,0 +1,110 @@
+//! `run_with`: the agent's life: assemble, start the watch, the registration socket, the
+//! refresher and the listeners, serve until shutdown or a fatal error, then drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use tokio_util::sync::CancellationToken;
+
+use super::agent::Agent;
+use super::rule::{install_rule, remove_rule};
+use super::{Deps, Listeners, RunError, http, ops};
+use crate::config::Config;
+use crate::identity::freshness::REFRESH_SCAN;
+use crate::pods::registration::{self, Op};
+
+/// In-flight requests get this long to finish after shutdown starts.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves until `shutdown` resolves (then drains, removes the host rule and returns `Ok`) or
+/// until something fatal happens (the pod watch ending), which returns the error and leaves the
+/// host rule in place so pods fail closed.
+pub async fn run_with(
+    cfg: Config,
+    deps: Deps,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    cfg.validate().map_err(RunError::Config)?;
+    let agent = Arc::new(Agent::assemble(&cfg, &deps)?);
+    let stop = CancellationToken::new();
+    let rule = install_rule(&cfg, &deps.metrics, &stop).await?;
+
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<RunError>(1);
+    {
+        let agent = agent.clone();
+        let api: Api<Pod> = Api::all(deps.kube.clone());
+        let node = cfg.node_name.clone();
+        tokio::spawn(async move {
+            let a2 = agent.clone();
+            let err =
+                crate::pods::watch::run(api, node, agent.index.clone(), move |c| a2.on_change(c))
+                    .await;
+            let _ = fatal_tx.send(err.into()).await;
+        });
+    }
+    if let Some(path) = cfg.cni_socket.clone() {
+        let listener = registration::bind(&path).map_err(|source| RunError::Bind {
+            what: "--cni-socket",
+            addr: path.display().to_string(),
+            source,
+        })?;
+        let a2 = agent.clone();
+        let on_op = Arc::new(move |op: &Op, ok: bool| a2.on_registration(op, ok));
+        tokio::spawn(registration::serve(
+            listener,
+            path,
+            agent.index.clone(),
+            on_op,
+            stop.clone(),
+        ));
+    }
+    tokio::spawn(agent.creds.clone().refresher(REFRESH_SCAN, stop.clone()));
+
+    let graceful = Arc::new(GracefulShutdown::new());
+    let imds_task = {
+        let agent = agent.clone();
+        http::serve(listeners.imds, stop.clone(), &graceful, move |req, peer| {
+            let agent = agent.clone();
+            async move { agent.handle(req, peer).await }
+        })
+    };
+    let ops_task = {
+        let agent = agent.clone();
+        http::serve(listeners.ops, stop.clone(), &graceful, move |req, _| {
+            let agent = agent.clone();
+            async move { ops::respond(&req, &agent.index, &agent.metrics) }
+        })
+    };
+    tracing::info!(node = %cfg.node_name, listen = %cfg.listen, ops = %cfg.ops_listen, "agent started");
+
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        Some(e) = fatal_rx.recv() => Err(e),
+    };
+    stop.cancel();
+    let _ = tokio::join!(imds_task, ops_task);
+    // The accept loops have returned, so this is the last reference.
+    if let Ok(graceful) = Arc::try_unwrap(graceful)
+        && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+            .await
+            .is_err()
+    {
+        tracing::warn!("drain timed out; closing remaining connections");
+    }
+    // Only a clean shutdown removes the rule: after a failure, pods must fail closed.
+    if outcome.is_ok()
+        && let Some(rule) = rule
+    {
+        remove_rule(rule).await;
+    }
+    match &outcome {
+        Ok(()) => tracing::info!("agent stopped"),
+        Err(e) => tracing::error!(error = %e, "agent failed"),
+    }
+    outcome
+}
