@@ -390,14 +390,14 @@ async fn tokens_expire_at_their_ttl() {
 }
 
 #[tokio::test]
-async fn a_token_from_before_the_pod_was_known_does_not_serve_the_pod() {
+async fn callers_that_are_not_a_pod_of_this_node_get_no_token_and_no_passthrough() {
     let b = bed();
-    let stranger = b.token(STRANGER, "60").await;
-    // Bound to the address, not a pod: another caller (here pod a) cannot use it.
-    assert_eq!(
-        b.get_with_token(POD_A, CREDS, &stranger).await.status,
-        StatusCode::UNAUTHORIZED
-    );
+    for ip in [STRANGER, HOST_NET] {
+        let put = b.put_token(ip, &[(TTL_HEADER, "60")]).await;
+        assert_eq!(put.status, StatusCode::FORBIDDEN, "{ip}");
+        let region = b.get(ip, "/latest/meta-data/placement/region").await;
+        assert_eq!(region.status, StatusCode::NOT_FOUND, "{ip}");
+    }
 }
 
 #[tokio::test]
