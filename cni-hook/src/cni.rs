@@ -12,7 +12,7 @@ use crate::agent;
 /// A runtime's network config is a few KiB; anything past this is refused.
 pub const MAX_CONFIG: u64 = 1 << 20;
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-pub const DEFAULT_SOCKET: &str = "/run/irsa-imds/cni.sock";
+pub const DEFAULT_SOCKET: &str = irsa_imds_cni::DEFAULT_SOCKET;
 const DEFAULT_TIMEOUT_MS: u64 = 250;
 
 /// Error codes from the CNI spec.
@@ -26,6 +26,8 @@ pub mod code {
     pub const NOT_AVAILABLE: u32 = 50;
     /// Plugin-specific (100+): CHECK found the sandbox unregistered.
     pub const NOT_REGISTERED: u32 = 100;
+    /// Plugin-specific: the per-pod metadata redirect could not be installed.
+    pub const POD_REDIRECT: u32 = 101;
 }
 
 #[derive(Debug)]
@@ -281,21 +283,14 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                         }
                         pc.log(&format!("ADD {ns}/{name} ({container_id}): not registered, continuing (fail-open): {e}"));
                     }
-                    if pc.pod_redirect
-                        && let (Some(netns), Some(addr)) =
-                            (env.netns.as_deref(), pc.agent_address.as_deref())
-                        && let Err(e) = crate::redirect::install(netns, addr)
-                    {
-                        if pc.fail_closed {
-                            return Err(CniError::new(
-                                code::TRY_AGAIN_LATER,
-                                "cannot install pod redirect",
-                                e,
-                            ));
-                        }
-                        pc.log(&format!(
-                            "ADD {ns}/{name}: pod redirect not installed (fail-open): {e}"
-                        ));
+                    // The redirect is the security control, so it fails the ADD whatever
+                    // failClosed says: a pod without it would reach the real IMDS.
+                    if pc.pod_redirect {
+                        let netns = need(&env.netns, "CNI_NETNS")?;
+                        let addr = pc.agent_address.as_deref().unwrap_or_default();
+                        crate::redirect::install(&netns, addr).map_err(|e| {
+                            CniError::new(code::POD_REDIRECT, "cannot install pod redirect", e)
+                        })?;
                     }
                 }
                 (Some(_), Some(_)) if !ips.is_empty() => {

@@ -1,150 +1,86 @@
 //! `install` / `uninstall`: put the plugin binary in the CNI bin dir and chain the plugin into the
-//! node's conflist (the first `*.conflist` in lexical order, the one the runtime uses). Both are
-//! atomic (temp file + rename in the same directory) and idempotent, and leave every other
-//! plugin exactly as it was.
+//! node's active conflist (see [`irsa_imds_cni::chain`]), or take both away again.
 
-use std::path::{Path, PathBuf};
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
 
-use serde_json::{Value, json};
+use clap::{Args, Parser, Subcommand};
+use irsa_imds_cni::chain::{self, ChainState, PLUGIN_TYPE};
+use serde_json::json;
 
-pub const PLUGIN_TYPE: &str = "irsa-imds-cni";
-pub const USAGE: &str = "usage:
-  irsa-imds-cni install [--bin-dir DIR] [--conf-dir DIR] [--socket PATH] [--timeout-ms N]
-                        [--fail-closed] [--pod-redirect --agent-address IP:PORT] [--log-file PATH]
-  irsa-imds-cni uninstall [--bin-dir DIR] [--conf-dir DIR]
-  (as a CNI plugin it is run by the container runtime with CNI_COMMAND set)
-defaults: --bin-dir /host/opt/cni/bin --conf-dir /host/etc/cni/net.d --socket /run/irsa-imds/cni.sock";
-
-struct Opts {
-    bin_dir: PathBuf,
-    conf_dir: PathBuf,
-    socket: String,
-    timeout_ms: Option<u64>,
-    fail_closed: bool,
-    pod_redirect: bool,
-    agent_address: Option<String>,
-    log_file: Option<String>,
+#[derive(Debug, Parser)]
+#[command(
+    name = "irsa-imds-cni",
+    version,
+    about = "Chained CNI plugin registering pod IPs with the irsa-imds agent",
+    after_help = "As a CNI plugin it is run by the container runtime with CNI_COMMAND set and no arguments."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
 }
 
-fn parse(args: &[String], install: bool) -> Result<Opts, String> {
-    let mut o = Opts {
-        bin_dir: "/host/opt/cni/bin".into(),
-        conf_dir: "/host/etc/cni/net.d".into(),
-        socket: crate::cni::DEFAULT_SOCKET.into(),
-        timeout_ms: None,
-        fail_closed: false,
-        pod_redirect: false,
-        agent_address: None,
-        log_file: None,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{flag} needs a value\n\n{USAGE}"))
-        };
-        match (flag.as_str(), install) {
-            ("--bin-dir", _) => o.bin_dir = value()?.into(),
-            ("--conf-dir", _) => o.conf_dir = value()?.into(),
-            ("--socket", true) => o.socket = value()?,
-            ("--timeout-ms", true) => {
-                let v = value()?;
-                o.timeout_ms = Some(
-                    v.parse()
-                        .ok()
-                        .filter(|t| (1..=10_000).contains(t))
-                        .ok_or(format!("--timeout-ms {v:?}: 1..=10000"))?,
-                );
-            }
-            ("--fail-closed", true) => o.fail_closed = true,
-            ("--pod-redirect", true) => o.pod_redirect = true,
-            ("--agent-address", true) => o.agent_address = Some(value()?),
-            ("--log-file", true) => o.log_file = Some(value()?),
-            _ => return Err(format!("unknown flag {flag:?}\n\n{USAGE}")),
-        }
-    }
-    if o.pod_redirect
-        && o.agent_address
-            .as_deref()
-            .and_then(|a| a.parse::<std::net::SocketAddrV4>().ok())
-            .is_none()
-    {
-        return Err("--pod-redirect needs --agent-address IP:PORT".into());
-    }
-    Ok(o)
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Copy this binary into the CNI bin dir and chain it into the node's active conflist.
+    Install(InstallArgs),
+    /// Remove the entry from every conflist, then the binary (and the chain state).
+    Uninstall(UninstallArgs),
 }
 
-/// The node's active conflist: the first `*.conflist` in lexical order.
-fn conflist(dir: &Path) -> Result<PathBuf, String> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.extension()
-                .is_some_and(|x| x == "conflist" || x == "conf" || x == "json")
-        })
-        .collect();
-    files.sort();
-    let first = files
-        .first()
-        .ok_or_else(|| format!("no CNI config in {}", dir.display()))?;
-    if first.extension().is_some_and(|x| x != "conflist") {
-        return Err(format!(
-            "{} is a single-plugin config; chaining needs a .conflist",
-            first.display()
-        ));
-    }
-    Ok(first.clone())
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Where the node's CNI plugins live (host path as mounted).
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    /// The node's CNI config dir (host path as mounted).
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The agent's registration socket.
+    #[arg(long, default_value = irsa_imds_cni::DEFAULT_SOCKET)]
+    pub socket: String,
+    /// How long ADD/DEL wait for the agent, in milliseconds (1..=10000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub timeout_ms: Option<u64>,
+    /// Fail ADD when the agent cannot register the pod (default: fail open).
+    #[arg(long)]
+    pub fail_closed: bool,
+    /// Install the metadata DNAT inside each pod's network namespace at ADD (needs --agent-address).
+    #[arg(long, requires = "agent_address")]
+    pub pod_redirect: bool,
+    /// The agent's IPv4 address and port, the per-pod DNAT's target.
+    #[arg(long)]
+    pub agent_address: Option<SocketAddrV4>,
+    /// Plugin log file on the host (default: the runtime's stderr).
+    #[arg(long)]
+    pub log_file: Option<String>,
+    /// Where to record what was chained, so the agent keeps it chained (`--cni-chain-state`).
+    #[arg(long)]
+    pub chain_state: Option<PathBuf>,
 }
 
-fn read(path: &Path) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
-    if !v.get("plugins").is_some_and(Value::is_array) {
-        return Err(format!("{} has no plugins array", path.display()));
-    }
-    Ok(v)
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    #[arg(long, default_value = "/host/opt/cni/bin")]
+    pub bin_dir: PathBuf,
+    #[arg(long, default_value = "/host/etc/cni/net.d")]
+    pub conf_dir: PathBuf,
+    /// The chain state file to remove too.
+    #[arg(long)]
+    pub chain_state: Option<PathBuf>,
 }
 
-/// Writes next to the target and renames over it, so the runtime never reads half a file.
-fn write_atomic(path: &Path, bytes: &[u8], mode: Option<u32>) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = path.parent().ok_or("no parent directory")?;
-    let tmp = dir.join(format!(
-        ".{}.irsa-imds.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    if let Some(m) = mode {
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(m))
-            .map_err(|e| e.to_string())?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        format!("cannot replace {}: {e}", path.display())
-    })
-}
-
-fn is_ours(p: &Value) -> bool {
-    p.get("type").and_then(Value::as_str) == Some(PLUGIN_TYPE)
-}
-
-pub fn install(args: &[String]) -> Result<String, String> {
-    let o = parse(args, true)?;
+pub fn install(o: InstallArgs) -> Result<String, String> {
     let me = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
     std::fs::create_dir_all(&o.bin_dir)
         .map_err(|e| format!("cannot create {}: {e}", o.bin_dir.display()))?;
     let bin = std::fs::read(&me).map_err(|e| format!("cannot read {}: {e}", me.display()))?;
     let dest = o.bin_dir.join(PLUGIN_TYPE);
+    // Binary first: the conflist never names a plugin that is not there.
     if std::fs::read(&dest).ok().as_deref() != Some(&bin[..]) {
-        write_atomic(&dest, &bin, Some(0o755))?;
+        chain::write_atomic(&dest, &bin, Some(0o755)).map_err(|e| e.to_string())?;
     }
 
-    let path = conflist(&o.conf_dir)?;
-    let mut conf = read(&path)?;
     let mut entry = json!({"type": PLUGIN_TYPE, "name": "irsa-imds", "agentSocket": o.socket});
     if let Some(t) = o.timeout_ms {
         entry["timeoutMs"] = json!(t);
@@ -152,48 +88,48 @@ pub fn install(args: &[String]) -> Result<String, String> {
     if o.fail_closed {
         entry["failClosed"] = json!(true);
     }
-    if o.pod_redirect {
+    if o.pod_redirect
+        && let Some(a) = o.agent_address
+    {
         entry["podRedirect"] = json!(true);
-        entry["agentAddress"] = json!(o.agent_address);
+        entry["agentAddress"] = json!(a.to_string());
     }
     if let Some(l) = o.log_file {
         entry["logFile"] = json!(l);
     }
-    let plugins = conf["plugins"]
-        .as_array_mut()
-        .ok_or("plugins is not an array")?;
-    let before: Vec<Value> = plugins.clone();
-    plugins.retain(|p| !is_ours(p));
-    plugins.push(entry);
-    if *plugins == before {
-        return Ok(format!("already installed in {}", path.display()));
+    let state = ChainState {
+        conf_dir: o.conf_dir,
+        bin_dir: o.bin_dir,
+        entry,
+    };
+    let changed = state.ensure().map_err(|e| e.to_string())?;
+    if let Some(path) = &o.chain_state {
+        state.save(path).map_err(|e| e.to_string())?;
     }
-    let mut text = serde_json::to_string_pretty(&conf).map_err(|e| e.to_string())?;
-    text.push('\n');
-    write_atomic(&path, text.as_bytes(), None)?;
-    Ok(format!(
-        "installed {} and chained it into {}",
-        dest.display(),
-        path.display()
-    ))
+    let active = chain::active_conflist(&state.conf_dir).map_err(|e| e.to_string())?;
+    Ok(match changed {
+        Some(path) => format!(
+            "installed {} and chained it into {}",
+            dest.display(),
+            path.display()
+        ),
+        None => format!("already installed in {}", active.display()),
+    })
 }
 
-pub fn uninstall(args: &[String]) -> Result<String, String> {
-    let o = parse(args, false)?;
+pub fn uninstall(o: UninstallArgs) -> Result<String, String> {
+    // The state first, so an agent still running cannot chain it back; then every conflist
+    // entry; the binary last, once no conflist names it.
     let mut touched = Vec::new();
-    if let Ok(path) = conflist(&o.conf_dir) {
-        let mut conf = read(&path)?;
-        let plugins = conf["plugins"]
-            .as_array_mut()
-            .ok_or("plugins is not an array")?;
-        let n = plugins.len();
-        plugins.retain(|p| !is_ours(p));
-        if plugins.len() != n {
-            let mut text = serde_json::to_string_pretty(&conf).map_err(|e| e.to_string())?;
-            text.push('\n');
-            write_atomic(&path, text.as_bytes(), None)?;
-            touched.push(path.display().to_string());
+    if let Some(path) = &o.chain_state {
+        match std::fs::remove_file(path) {
+            Ok(()) => touched.push(path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", path.display())),
         }
+    }
+    for p in chain::unchain_all(&o.conf_dir).map_err(|e| e.to_string())? {
+        touched.push(p.display().to_string());
     }
     let bin = o.bin_dir.join(PLUGIN_TYPE);
     match std::fs::remove_file(&bin) {

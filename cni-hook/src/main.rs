@@ -14,21 +14,17 @@ mod redirect;
 
 use std::io::Read;
 
+use clap::{CommandFactory, Parser};
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("install") => exit_with(install::install(&args[1..])),
-        Some("uninstall") => exit_with(install::uninstall(&args[1..])),
-        Some("-h" | "--help" | "help") => {
-            println!("{}", install::USAGE);
-        }
-        Some(other) => {
-            eprintln!(
-                "irsa-imds-cni: unknown argument {other:?}\n\n{}",
-                install::USAGE
-            );
-            std::process::exit(2);
-        }
+    let cli = match install::Cli::try_parse() {
+        Ok(c) => c,
+        // Help and version on stdout with exit 0; a bad flag names itself, exit 2.
+        Err(e) => e.exit(),
+    };
+    match cli.command {
+        Some(install::Cmd::Install(a)) => exit_with(install::install(a)),
+        Some(install::Cmd::Uninstall(a)) => exit_with(install::uninstall(a)),
         None if std::env::var_os("CNI_COMMAND").is_some() => {
             // The runtime's config: bounded, so a hostile stdin cannot exhaust memory.
             let mut stdin = Vec::new();
@@ -61,7 +57,7 @@ fn main() {
         None => {
             eprintln!(
                 "irsa-imds-cni: CNI_COMMAND is not set: this is a CNI plugin, run by the container runtime\n\n{}",
-                install::USAGE
+                install::Cli::command().render_help()
             );
             std::process::exit(2);
         }

@@ -535,8 +535,20 @@ fn install_refuses_bad_flags_and_missing_configs() {
     );
     let r = install(&dir, &["--nope"]);
     assert!(
-        r.code != 0 && r.stderr.contains("unknown flag"),
+        r.code != 0 && r.stderr.contains("unexpected argument '--nope'"),
         "{}",
+        r.stderr
+    );
+    let r = install(&dir, &["--timeout-ms=0"]);
+    assert!(
+        r.code != 0 && r.stderr.contains("--timeout-ms"),
+        "{}",
+        r.stderr
+    );
+    let r = install(&dir, &["--pod-redirect", "--agent-address=10.0.0.1"]);
+    assert!(
+        r.code != 0 && r.stderr.contains("--agent-address"),
+        "IPv4 ip:port: {}",
         r.stderr
     );
     let out = Command::new(BIN).env_clear().output().unwrap();
@@ -545,4 +557,216 @@ fn install_refuses_bad_flags_and_missing_configs() {
         Some(2),
         "no CNI_COMMAND and no subcommand"
     );
+}
+
+/// The chart passes `--flag=value`, the manifest `--flag value`: both chain the same entry.
+#[test]
+fn install_accepts_both_flag_forms() {
+    let mut written = Vec::new();
+    for args in [
+        &[
+            "--socket",
+            "/run/irsa-imds/cni.sock",
+            "--timeout-ms",
+            "400",
+            "--fail-closed",
+            "--pod-redirect",
+            "--agent-address",
+            "10.0.1.23:8181",
+            "--log-file",
+            "/var/log/irsa-imds-cni.log",
+        ][..],
+        &[
+            "--socket=/run/irsa-imds/cni.sock",
+            "--timeout-ms=400",
+            "--fail-closed",
+            "--pod-redirect",
+            "--agent-address=10.0.1.23:8181",
+            "--log-file=/var/log/irsa-imds-cni.log",
+        ][..],
+    ] {
+        let dir = TempDir::new("forms");
+        std::fs::create_dir_all(dir.0.join("net.d")).unwrap();
+        std::fs::copy(
+            samples().join("eks-vpc-cni.conflist"),
+            dir.0.join("net.d/10-aws.conflist"),
+        )
+        .unwrap();
+        let bin = format!("--bin-dir={}", dir.0.join("bin").display());
+        let conf = format!("--conf-dir={}", dir.0.join("net.d").display());
+        let out = Command::new(BIN)
+            .arg("install")
+            .args([&bin, &conf])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.0.join("net.d/10-aws.conflist")).unwrap(),
+        )
+        .unwrap();
+        written.push(v["plugins"].as_array().unwrap().last().unwrap().clone());
+    }
+    assert_eq!(written[0], written[1]);
+    assert_eq!(
+        written[0],
+        json!({"type": "irsa-imds-cni", "name": "irsa-imds", "agentSocket": "/run/irsa-imds/cni.sock",
+               "timeoutMs": 400, "failClosed": true, "podRedirect": true,
+               "agentAddress": "10.0.1.23:8181", "logFile": "/var/log/irsa-imds-cni.log"})
+    );
+}
+
+/// aws-node rewrites its conflist on every restart (add-on upgrades), dropping our entry; a new
+/// CNI may drop a conflist that sorts first. The recorded chain state puts the entry back in
+/// whichever conflist is active, and changes nothing when it is there.
+#[test]
+fn chain_state_rechains_a_rewritten_or_newly_active_conflist() {
+    use irsa_imds_cni::chain::ChainState;
+    let dir = TempDir::new("rechain");
+    let net = dir.0.join("net.d");
+    std::fs::create_dir_all(&net).unwrap();
+    std::fs::copy(
+        samples().join("eks-vpc-cni.conflist"),
+        net.join("10-aws.conflist"),
+    )
+    .unwrap();
+    let state_file = dir.0.join("run/cni-chain.json");
+    let r = install(
+        &dir,
+        &[
+            "--chain-state",
+            state_file.to_str().unwrap(),
+            "--fail-closed",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state = ChainState::load(&state_file).unwrap();
+    assert_eq!(state.entry["failClosed"], true);
+    assert_eq!(state.ensure().unwrap(), None, "already chained: no write");
+
+    // aws-node writes its own conflist back, atomically, without us.
+    std::fs::copy(samples().join("eks-vpc-cni.conflist"), net.join(".aws.tmp")).unwrap();
+    std::fs::rename(net.join(".aws.tmp"), net.join("10-aws.conflist")).unwrap();
+    assert_eq!(
+        state.ensure().unwrap(),
+        Some(net.join("10-aws.conflist")),
+        "rechained"
+    );
+    let plugins = |f: &str| -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(net.join(f)).unwrap()).unwrap();
+        v["plugins"].as_array().unwrap().clone()
+    };
+    assert_eq!(plugins("10-aws.conflist").last().unwrap(), &state.entry);
+    assert_eq!(
+        plugins("10-aws.conflist").len(),
+        sample("eks-vpc-cni.conflist")["plugins"]
+            .as_array()
+            .unwrap()
+            .len()
+            + 1
+    );
+
+    // A conflist that sorts first becomes the active one: it gets chained too.
+    std::fs::copy(
+        samples().join("calico.conflist"),
+        net.join("05-calico.conflist"),
+    )
+    .unwrap();
+    assert_eq!(
+        state.ensure().unwrap(),
+        Some(net.join("05-calico.conflist"))
+    );
+    assert_eq!(plugins("05-calico.conflist").last().unwrap(), &state.entry);
+
+    // Never chained while the binary is gone: the runtime could not run it.
+    std::fs::remove_file(dir.0.join("bin/irsa-imds-cni")).unwrap();
+    std::fs::copy(
+        samples().join("calico.conflist"),
+        net.join("05-calico.conflist"),
+    )
+    .unwrap();
+    let e = state.ensure().unwrap_err().to_string();
+    assert!(e.contains("missing"), "{e}");
+    assert_eq!(
+        plugins("05-calico.conflist"),
+        sample("calico.conflist")["plugins"]
+            .as_array()
+            .unwrap()
+            .clone()
+    );
+}
+
+/// Uninstall takes the entry out of every conflist (active or not), then the binary, and the
+/// chain state so a still-running agent has nothing to chain back.
+#[test]
+fn uninstall_leaves_no_entry_no_binary_and_no_state() {
+    let dir = TempDir::new("uninstall");
+    let net = dir.0.join("net.d");
+    std::fs::create_dir_all(&net).unwrap();
+    std::fs::copy(
+        samples().join("calico.conflist"),
+        net.join("10-calico.conflist"),
+    )
+    .unwrap();
+    let state_file = dir.0.join("run/cni-chain.json");
+    assert_eq!(
+        install(&dir, &["--chain-state", state_file.to_str().unwrap()]).code,
+        0
+    );
+    // A formerly active conflist still carrying the entry.
+    std::fs::copy(net.join("10-calico.conflist"), net.join("20-old.conflist")).unwrap();
+    let out = Command::new(BIN)
+        .arg("uninstall")
+        .arg(format!("--bin-dir={}", dir.0.join("bin").display()))
+        .arg(format!("--conf-dir={}", net.display()))
+        .arg(format!("--chain-state={}", state_file.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["10-calico.conflist", "20-old.conflist"] {
+        let text = std::fs::read_to_string(net.join(f)).unwrap();
+        assert!(!text.contains("irsa-imds-cni"), "{f}: {text}");
+    }
+    assert!(!dir.0.join("bin/irsa-imds-cni").exists());
+    assert!(!state_file.exists());
+}
+
+/// Per-pod mode: the in-pod DNAT is the security control. When it cannot be installed the ADD
+/// fails with a CNI error, even with the agent registering fine and failClosed off.
+#[test]
+fn per_pod_redirect_failure_fails_add_whatever_fail_open_says() {
+    let agent = FakeAgent::start(r#"{"v":1,"ok":true}"#);
+    let prev = sample("prevResult-1.0.0.json");
+    for fail_closed in [false, true] {
+        let r = cni(
+            "ADD",
+            &[
+                ("CNI_CONTAINERID", "3a52ce78095f"),
+                // No such namespace: nsenter fails.
+                ("CNI_NETNS", "/var/run/netns/irsa-imds-no-such-netns"),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_ARGS", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=cart-0"),
+            ],
+            &config(
+                "1.0.0",
+                &agent.socket(),
+                Some(prev.clone()),
+                json!({"podRedirect": true, "agentAddress": "10.0.1.23:8181", "failClosed": fail_closed}),
+            ),
+        );
+        assert_eq!(r.code, 1, "failClosed={fail_closed}: {}", r.stdout);
+        let e = r.json();
+        assert_eq!(e["code"], 101, "{e}");
+        assert_eq!(e["msg"], "cannot install pod redirect");
+        assert_eq!(e["cniVersion"], "1.0.0");
+    }
 }
