@@ -16,6 +16,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build (one build shared by every suite)"
 cargo build --workspace --all-targets --locked
 
+echo "== static CNI plugin (what ships to nodes; tests/build-static-cni.sh)"
+bash tests/build-static-cni.sh
+
 echo "== tests"
 # Suites run one binary at a time; tests inside a binary run in parallel.
 cargo test --workspace --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"

@@ -78,5 +78,6 @@ if ! stamp_ok node "$NODE_PKG" || ! NODE_PATH="$deps/node/node_modules" node -e 
 fi
 
 bash "$here/setup-sdk-clients.sh"  # Java and Go SDK clients, built into the test-bed cache
+bash "$here/setup-helm.sh"         # helm and kubernetes-validate (chart tests), into the test-bed cache
 
 say "dependencies ready in $deps"

@@ -21,6 +21,27 @@ pub enum ImdsV2 {
     Required,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IptablesBackend {
+    Auto,
+    Legacy,
+    Nft,
+    Plain,
+}
+
+impl IptablesBackend {
+    /// The backend to program; `Auto` probes the node (runs iptables-*-save).
+    pub fn resolve(self) -> crate::netfilter::Backend {
+        use crate::netfilter::{Backend, detect_backend};
+        match self {
+            IptablesBackend::Auto => detect_backend(),
+            IptablesBackend::Legacy => Backend::Legacy,
+            IptablesBackend::Nft => Backend::Nft,
+            IptablesBackend::Plain => Backend::Plain,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "irsa-imds-agent",
@@ -107,10 +128,26 @@ pub struct Config {
     #[arg(long, env = "IRSA_IMDS_IPTABLES")]
     pub iptables: bool,
 
-    /// Pod-facing interfaces the rule matches (iptables -i pattern): `eni+` (EKS VPC CNI),
-    /// `cali+` (Calico), `lxc+` (Cilium), `veth+`.
-    #[arg(long, env = "IRSA_IMDS_HOST_INTERFACE", default_value = "eni+")]
-    pub host_interface: String,
+    /// Pod-facing interfaces the rule matches (iptables -i patterns, comma-separated, each gets
+    /// its rule): `eni+,vlan+` (EKS VPC CNI, with security groups for pods), `cali+` (Calico),
+    /// `lxc+` (Cilium), `veth+`.
+    #[arg(
+        long,
+        env = "IRSA_IMDS_HOST_INTERFACE",
+        value_delimiter = ',',
+        default_value = "eni+,vlan+"
+    )]
+    pub host_interface: Vec<String>,
+
+    /// iptables backend for the rule: `auto` uses the one the node already uses (as kube-proxy's
+    /// iptables-wrapper decides), or force `legacy`, `nft`, or `plain` (the `iptables` on PATH).
+    #[arg(
+        long,
+        env = "IRSA_IMDS_IPTABLES_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub iptables_backend: IptablesBackend,
 
     /// Node IP the rule redirects to (with the --listen port).
     #[arg(long, env = "HOST_IP")]
@@ -120,6 +157,17 @@ pub struct Config {
     #[arg(long, env = "HOST_IPV6")]
     pub host_ipv6: Option<std::net::Ipv6Addr>,
 
+    /// The chain state `irsa-imds-cni install --chain-state` wrote: with it, the agent keeps the
+    /// CNI hook chained into the node's active conflist (re-adds it when the node's CNI rewrites
+    /// the file or a new conflist becomes active).
+    #[arg(long, env = "IRSA_IMDS_CNI_CHAIN_STATE")]
+    pub cni_chain_state: Option<PathBuf>,
+
+    /// How often the CNI chain is checked: the bound on how long a rewritten conflist goes
+    /// without the hook.
+    #[arg(long, env = "IRSA_IMDS_CNI_CHAIN_RESYNC", value_parser = parse_duration, default_value = "5s")]
+    pub cni_chain_resync: Duration,
+
     /// How often the rule is checked and restored.
     #[arg(long, env = "IRSA_IMDS_IPTABLES_RESYNC", value_parser = parse_duration, default_value = "60s")]
     pub iptables_resync: Duration,
@@ -127,6 +175,20 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "IRSA_IMDS_LOG_FORMAT", value_enum, default_value = "json")]
     pub log_format: LogFormat,
+}
+
+/// `irsa-imds-agent uninstall`: the documented removal of the host rules (DESIGN §6). The agent
+/// must no longer run on the node (it would put them back).
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "irsa-imds-agent uninstall",
+    about = "Remove the host redirect rules from every iptables backend"
+)]
+pub struct UninstallConfig {
+    /// After removing, keep running (idle) so an uninstall DaemonSet's pod stays up and Ready
+    /// instead of restarting.
+    #[arg(long)]
+    pub hold: bool,
 }
 
 impl Config {
@@ -181,6 +243,9 @@ impl Config {
                 ));
             }
         }
+        if self.cni_chain_state.is_some() && self.cni_chain_resync.is_zero() {
+            return Err("--cni-chain-resync must be positive".into());
+        }
         if self.role_annotation.is_empty() {
             return Err("--role-annotation must not be empty".into());
         }
@@ -199,16 +264,21 @@ impl Config {
                     );
                 }
             }
-            if self.host_interface.is_empty()
-                || !self
-                    .host_interface
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c))
-            {
-                return Err(format!(
-                    "--host-interface {:?} is not an interface name pattern",
-                    self.host_interface
-                ));
+            if self.host_interface.is_empty() {
+                return Err("--host-interface needs at least one pattern".into());
+            }
+            for p in &self.host_interface {
+                // IFNAMSIZ: 15 characters; `+` is iptables' wildcard suffix.
+                if p.is_empty()
+                    || p.len() > 15
+                    || !p
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c))
+                {
+                    return Err(format!(
+                        "--host-interface {p:?} is not an interface name pattern"
+                    ));
+                }
             }
             if self.iptables_resync.is_zero() {
                 return Err("--iptables-resync must be positive".into());
