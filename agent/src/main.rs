@@ -1,13 +1,20 @@
 //! `irsa-imds-agent`: parse flags, install the TLS provider, run until SIGTERM/SIGINT.
 
 use clap::Parser;
-use irsa_imds_agent::{Config, Listeners, run, telemetry};
+use irsa_imds_agent::config::UninstallConfig;
+use irsa_imds_agent::{Config, Listeners, netfilter, run, telemetry};
 
 /// Kubernetes shows this file's content as the container's termination message.
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
 #[tokio::main]
 async fn main() {
+    // `irsa-imds-agent uninstall`: the one path that removes the host rules (DESIGN §6).
+    if std::env::args().nth(1).as_deref() == Some("uninstall") {
+        let u = UninstallConfig::parse_from(std::env::args().skip(1));
+        uninstall(u).await;
+        return;
+    }
     let cfg = Config::parse();
     telemetry::init_logging(cfg.log_format);
     if let Err(msg) = cfg.validate() {
@@ -27,6 +34,27 @@ async fn main() {
     };
     if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
         fail(&chain(&e));
+    }
+}
+
+async fn uninstall(u: UninstallConfig) {
+    match tokio::task::spawn_blocking(netfilter::uninstall).await {
+        Ok(Ok(cleaned)) => {
+            let names: Vec<&str> = cleaned.iter().map(|b| b.name()).collect();
+            eprintln!(
+                "irsa-imds-agent: host redirect rules removed (backends that had them: {})",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            );
+        }
+        Ok(Err(e)) => fail(&format!("uninstall: {e}")),
+        Err(e) => fail(&format!("uninstall: {e}")),
+    }
+    if u.hold {
+        shutdown_signal().await;
     }
 }
 

@@ -216,9 +216,7 @@ impl Topology {
 
     /// A TCP connection made from inside `ns`.
     pub fn connect_in(&self, ns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
-        in_netns(ns, move || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(Into::into)
-        })
+        connect_in(ns, addr)
     }
 
     /// A command run inside `ns` (`ip netns exec`), killed if the test drops it.
@@ -242,6 +240,14 @@ impl Drop for Topology {
             let _ = sh(&["ip", "netns", "del", ns]);
         }
     }
+}
+
+/// A TCP connection made from inside namespace `ns` (for threads that do not hold the
+/// [`Topology`]); the error keeps the `io::Error` so callers can tell a refusal.
+pub fn connect_in(ns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+    in_netns(ns, move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(Into::into)
+    })
 }
 
 /// Sets a sysctl inside namespace `ns`.

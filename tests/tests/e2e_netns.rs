@@ -149,6 +149,18 @@ impl Bed {
         buf.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// The body of a GET on the agent's ops port, from inside the node namespace.
+    fn ops_body(&self, path: &str) -> Option<String> {
+        let addr: SocketAddr = format!("127.0.0.1:{OPS_PORT}").parse().ok()?;
+        let mut s = self.topo.connect_in(self.topo.node_ns(), addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        Some(buf.split("\r\n\r\n").nth(1)?.to_string())
+    }
+
     async fn wait_ready(&self) {
         wait_for(Duration::from_secs(30), || async {
             self.ops_status("/readyz") == Some(200)
@@ -391,17 +403,40 @@ async fn redirect_rule_life_cycle_fails_closed() {
         "works again after the repair: {after}"
     );
 
-    // SIGTERM: the rule and the jump go, exit 0.
+    // SIGTERM (a rolling update, a restart): exit 0, and the rule and the jump stay, so pods
+    // are refused until the next agent is up, never sent to the real IMDS.
     let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
         .await
         .unwrap();
     assert!(status.success(), "{status}\n{}", b.agent_log());
     let rules = b.topo.node_nat_rules().unwrap();
     assert_eq!(
-        (count(&rules, jump), count(&rules, "IRSA-IMDS")),
-        (0, 0),
-        "removed on SIGTERM:\n{rules}"
+        (count(&rules, jump), count(&rules, dnat)),
+        (1, 1),
+        "kept on SIGTERM:\n{rules}"
     );
+    // Only the documented uninstall removes them.
+    uninstall_agent(&b);
+    let rules = b.topo.node_nat_rules().unwrap();
+    assert_eq!(
+        count(&rules, "IRSA-IMDS"),
+        0,
+        "removed by uninstall:\n{rules}"
+    );
+}
+
+/// `irsa-imds-agent uninstall` in the node namespace.
+fn uninstall_agent(b: &Bed) {
+    let bin = agent_bin().unwrap();
+    let out = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        b.topo.node_ns(),
+        bin.to_str().unwrap(),
+        "uninstall",
+    ]);
+    out.unwrap();
 }
 
 fn cni_bin() -> PathBuf {
@@ -580,8 +615,569 @@ async fn ipv6_pod_gets_its_role_through_the_ip6tables_redirect() {
     ])
     .unwrap();
     assert_eq!(
-        count(&rules6, "IRSA-IMDS"),
-        0,
-        "removed on SIGTERM:\n{rules6}"
+        count(&rules6, "-A IRSA-IMDS -d fd00:ec2::254/128"),
+        1,
+        "kept on SIGTERM:\n{rules6}"
     );
+}
+
+/// `cmd` run in the node namespace; its stdout.
+fn in_node(b: &Bed, cmd: &[&str]) -> String {
+    let mut v = vec!["ip", "netns", "exec", b.topo.node_ns()];
+    v.extend_from_slice(cmd);
+    testbed::netns::sh(&v).unwrap()
+}
+
+/// A stand-in for the real IMDS where the node reaches it: `169.254.169.254:80` and
+/// `[fd00:ec2::254]:80` owned by the node namespace, serving the node's role. A pod that gets
+/// past the redirect reaches this, and a test sees `node-role`.
+async fn real_imds_in_node(b: &Bed) -> (FakeImds, FakeImds) {
+    in_node(b, &["ip", "addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    in_node(
+        b,
+        &[
+            "ip",
+            "addr",
+            "add",
+            "fd00:ec2::254/128",
+            "dev",
+            "lo",
+            "nodad",
+        ],
+    );
+    let v4 = FakeImds::start_on(
+        b.topo
+            .bind_in_node("169.254.169.254:80".parse().unwrap())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let v6 = FakeImds::start_on(
+        b.topo
+            .bind_in_node("[fd00:ec2::254]:80".parse().unwrap())
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    (v4, v6)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    /// The role name the metadata service listed.
+    Role(String),
+    Refused,
+    /// Accepted, then closed without an answer (an agent going away mid-request).
+    Closed,
+}
+
+/// One IMDSv1 listing of the credential roles, from inside pod `i`.
+fn pod_role_listing(pod_ns: &str, imds: SocketAddr) -> Answer {
+    let mut s = match testbed::netns::connect_in(pod_ns, imds) {
+        Ok(s) => s,
+        Err(e) => {
+            let refused = e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+            assert!(refused, "{pod_ns} -> {imds}: {e:#}");
+            return Answer::Refused;
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let req =
+        "GET /latest/meta-data/iam/security-credentials/ HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n";
+    if s.write_all(req.as_bytes()).is_err() {
+        return Answer::Closed;
+    }
+    let mut buf = String::new();
+    if s.read_to_string(&mut buf).is_err() || buf.is_empty() {
+        return Answer::Closed;
+    }
+    let body = buf
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    Answer::Role(body)
+}
+
+/// [`pod_role_listing`] off the runtime's thread, so the in-process servers keep serving.
+async fn pod_listing(pod_ns: &str, imds: SocketAddr) -> Answer {
+    let ns = pod_ns.to_string();
+    tokio::task::spawn_blocking(move || pod_role_listing(&ns, imds))
+        .await
+        .unwrap()
+}
+
+const IMDS4: &str = "169.254.169.254:80";
+const IMDS6: &str = "[fd00:ec2::254]:80";
+
+/// The kiam #202 incident: during a rolling update the agent is stopped and started again. A pod
+/// calling all the while gets its own role or a refused connection, never the node's role.
+#[tokio::test]
+async fn agent_restart_never_exposes_the_node_role() {
+    let b = bed(1, "restart").await;
+    let (real4, real6) = real_imds_in_node(&b).await;
+    let imds: SocketAddr = IMDS4.parse().unwrap();
+    // Control: with no rule the pod reaches the node's IMDS, so the test can see a leak.
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), imds).await,
+        Answer::Role("node-role".into())
+    );
+    let mut agent = b.start_agent();
+    b.wait_ready().await;
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), imds).await,
+        Answer::Role("legacy-reader".into())
+    );
+
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Answer>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let caller = {
+        let (answers, stop) = (answers.clone(), stop.clone());
+        let pod = b.topo.pod_ns(0).to_string();
+        std::thread::spawn(move || {
+            // Bounded: at most 20 000 calls, paced so the loop never spins.
+            for _ in 0..20_000 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let a = pod_role_listing(&pod, imds);
+                answers.lock().unwrap().push(a);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let seen =
+        |pred: &dyn Fn(&Answer) -> bool| answers.lock().unwrap().iter().filter(|a| pred(a)).count();
+
+    for round in 0..2 {
+        let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(status.success(), "round {round}: {status}");
+        let refused_before = seen(&|a| *a == Answer::Refused);
+        // The pod keeps calling while no agent runs.
+        wait_for(Duration::from_secs(20), || async {
+            seen(&|a| *a == Answer::Refused) >= refused_before + 20
+        })
+        .await
+        .unwrap();
+        agent = b.start_agent();
+        b.wait_ready().await;
+        let served_before = seen(&|a| *a == Answer::Role("legacy-reader".into()));
+        wait_for(Duration::from_secs(20), || async {
+            seen(&|a| *a == Answer::Role("legacy-reader".into())) >= served_before + 20
+        })
+        .await
+        .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    caller.join().unwrap();
+
+    let all = answers.lock().unwrap().clone();
+    let leaked: Vec<&Answer> = all
+        .iter()
+        .filter(|a| matches!(a, Answer::Role(r) if r != "legacy-reader"))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "{} of {} answers were not the pod's role: {:?}",
+        leaked.len(),
+        all.len(),
+        &leaked[..leaked.len().min(5)]
+    );
+    assert_eq!(
+        real4.requests().len(),
+        1,
+        "only the control call reached the node's IMDS: {:?}",
+        real4.requests()
+    );
+    assert!(real6.requests().is_empty());
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A dual-stack pod on an instance with the IPv6 IMDS endpoint, host mode without `--host-ipv6`:
+/// `[fd00:ec2::254]:80` is refused, never answered by the real IMDS; IPv4 still gets the role.
+#[tokio::test]
+async fn ipv6_imds_is_refused_without_host_ipv6() {
+    let b = bed(1, "v6refuse").await;
+    let (_real4, real6) = real_imds_in_node(&b).await;
+    let (v4, v6): (SocketAddr, SocketAddr) = (IMDS4.parse().unwrap(), IMDS6.parse().unwrap());
+    // Control: with no rule the pod reaches the node's IPv6 IMDS.
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), v6).await,
+        Answer::Role("node-role".into())
+    );
+    let mut agent = b.start_agent();
+    b.wait_ready().await;
+    assert_eq!(pod_listing(b.topo.pod_ns(0), v6).await, Answer::Refused);
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), v4).await,
+        Answer::Role("legacy-reader".into())
+    );
+    assert_eq!(real6.requests().len(), 1, "only the control call");
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+    // Still refused with the agent gone.
+    assert_eq!(pod_listing(b.topo.pod_ns(0), v6).await, Answer::Refused);
+}
+
+/// Security groups for pods put branch-ENI pods on `vlan*` interfaces: with `eni+,vlan+`-style
+/// patterns each pattern gets its rule, and a pod behind a `vlan` interface gets its role.
+#[tokio::test]
+async fn every_host_interface_pattern_gets_its_rule() {
+    let b = bed(2, "vlan").await;
+    let (real4, _real6) = real_imds_in_node(&b).await;
+    // Pod 1's host side becomes `vlan7` (a veth named like a branch-ENI vlan link: this kernel
+    // has no vlan parent to hang a real one on).
+    in_node(&b, &["ip", "link", "set", "vethirsa1", "down"]);
+    in_node(&b, &["ip", "link", "set", "vethirsa1", "name", "vlan7"]);
+    in_node(&b, &["ip", "link", "set", "vlan7", "up"]);
+    // Taking the link down dropped its routes.
+    let pod1 = format!("{}/32", b.topo.pod_ip(1));
+    in_node(&b, &["ip", "route", "replace", &pod1, "dev", "vlan7"]);
+    let imds: SocketAddr = IMDS4.parse().unwrap();
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(1), imds).await,
+        Answer::Role("node-role".into()),
+        "control: reachable without a rule"
+    );
+    let mut agent = b.start_agent_with(&[
+        "--iptables",
+        "--host-interface",
+        "vethirsa+,vlan+",
+        "--host-ip",
+        "10.77.255.1",
+    ]);
+    b.wait_ready().await;
+    let rules = b.topo.node_nat_rules().unwrap();
+    assert_eq!(
+        count(&rules, "-A IRSA-IMDS -d 169.254.169.254/32 -i vethirsa+"),
+        1,
+        "{rules}"
+    );
+    assert_eq!(
+        count(&rules, "-A IRSA-IMDS -d 169.254.169.254/32 -i vlan+"),
+        1,
+        "{rules}"
+    );
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(1), imds).await,
+        Answer::Role("legacy-writer".into())
+    );
+    let r = b.client(1, "legacy-boto").await;
+    assert_eq!(r["arn"], assumed(WRITER, 1), "{r}");
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), imds).await,
+        Answer::Role("legacy-reader".into())
+    );
+    assert_eq!(real4.requests().len(), 1, "only the control call");
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The agent puts its rules into the backend the node already uses (kube-proxy's hint chain, or
+/// more rules), the rule takes effect there, and uninstall finds it whichever backend it is in.
+#[tokio::test]
+async fn agent_follows_the_nodes_iptables_backend() {
+    for (node_uses, other) in [("legacy", "nft"), ("nft", "legacy")] {
+        let b = bed(1, &format!("backend-{node_uses}")).await;
+        // What kube-proxy leaves on a node of that backend.
+        let ipt = format!("iptables-{node_uses}");
+        in_node(
+            &b,
+            &[&ipt, "-w", "5", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"],
+        );
+        in_node(
+            &b,
+            &[&ipt, "-w", "5", "-t", "filter", "-N", "KUBE-FIREWALL"],
+        );
+        in_node(
+            &b,
+            &[
+                &ipt,
+                "-w",
+                "5",
+                "-t",
+                "filter",
+                "-A",
+                "INPUT",
+                "-j",
+                "KUBE-FIREWALL",
+            ],
+        );
+        let mut agent = b.start_agent();
+        b.wait_ready().await;
+        let save = |backend: &str| in_node(&b, &[&format!("iptables-{backend}-save"), "-t", "nat"]);
+        assert_eq!(
+            count(&save(node_uses), "-A IRSA-IMDS -d 169.254.169.254/32"),
+            1,
+            "{node_uses}: {}",
+            save(node_uses)
+        );
+        assert_eq!(
+            count(&save(other), "IRSA-IMDS"),
+            0,
+            "{node_uses}: {}",
+            save(other)
+        );
+        let r = b.client(0, "legacy-boto").await;
+        assert_eq!(
+            r["arn"],
+            assumed(READER, 0),
+            "{node_uses}: {r}\n{}",
+            b.agent_log()
+        );
+        assert!(
+            b.agent_log().contains(&format!("backend=\"{node_uses}\""))
+                || b.agent_log().contains(&format!("backend={node_uses}")),
+            "{}",
+            b.agent_log()
+        );
+        let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(status.success());
+        uninstall_agent(&b);
+        for backend in ["legacy", "nft"] {
+            for tool in ["iptables", "ip6tables"] {
+                let all = in_node(&b, &[&format!("{tool}-{backend}-save")]);
+                assert_eq!(count(&all, "IRSA-IMDS"), 0, "{tool}-{backend}:\n{all}");
+            }
+        }
+        // The node's own rules are untouched.
+        assert_eq!(
+            count(
+                &in_node(&b, &[&format!("iptables-{node_uses}-save")]),
+                "KUBE-FIREWALL"
+            ),
+            2
+        );
+    }
+}
+
+/// A minimal container runtime: runs every plugin of the active conflist in order, as libcni
+/// does for ADD, each getting the previous one's result. The node's main plugins are stubs that
+/// hand out the pod's address; ours is the real binary.
+fn runtime_add(
+    conf_dir: &std::path::Path,
+    bin_dir: &std::path::Path,
+    netns: &str,
+    pod: &str,
+    ip: std::net::Ipv4Addr,
+) -> Result<Value, String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(conf_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "conflist"))
+        .collect();
+    files.sort();
+    let conf: Value = serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
+    let mut prev: Option<Value> = None;
+    for plugin in conf["plugins"].as_array().unwrap() {
+        let ty = plugin["type"].as_str().unwrap();
+        let exe = bin_dir.join(ty);
+        if !exe.exists() {
+            return Err(format!(
+                "failed to find plugin {ty:?} in path [{}]",
+                bin_dir.display()
+            ));
+        }
+        let mut net = plugin.clone();
+        net["cniVersion"] = conf["cniVersion"].clone();
+        net["name"] = conf["name"].clone();
+        if let Some(p) = &prev {
+            net["prevResult"] = p.clone();
+        }
+        let mut child = std::process::Command::new(&exe)
+            .env_clear()
+            .env("CNI_COMMAND", "ADD")
+            .env("STUB_IP", ip.to_string())
+            .env("CNI_CONTAINERID", format!("sandbox-{pod}"))
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", bin_dir)
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=legacy;K8S_POD_NAME={pod}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(net.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        if !out.status.success() {
+            return Err(format!("{ty}: {}", String::from_utf8_lossy(&out.stdout)));
+        }
+        prev = Some(serde_json::from_slice(&out.stdout).map_err(|e| format!("{ty}: {e}"))?);
+    }
+    prev.ok_or_else(|| "empty chain".into())
+}
+
+/// A stub main plugin: passes `prevResult` on, or (first in the chain) hands out `$STUB_IP`.
+fn stub_plugin(bin_dir: &std::path::Path, name: &str) {
+    let script = "#!/usr/bin/python3\nimport json, os, sys\nc = json.load(sys.stdin)\nip = os.environ['STUB_IP'] + '/32'\nprint(json.dumps(c.get('prevResult') or {'cniVersion': c['cniVersion'], 'interfaces': [{'name': 'eth0'}], 'ips': [{'version': '4', 'address': ip, 'interface': 0}], 'dns': {}}))\n";
+    let p = bin_dir.join(name);
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The chain stays chained while the agent runs: aws-node rewriting its conflist (an add-on
+/// upgrade) and a new conflist sorting first both get the hook back within the resync bound,
+/// counted in `irsa_imds_cni_rechained_total`. Then the documented uninstall: no rule, no entry,
+/// no binary, and the next pod's ADD still succeeds.
+#[tokio::test]
+async fn cni_chain_is_kept_then_uninstalled_cleanly() {
+    let b = bed(2, "chain").await;
+    let d = b.dir.path();
+    let (bin_dir, conf_dir) = (d.join("opt-cni-bin"), d.join("etc-cni-net.d"));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../cni-hook/tests/samples");
+    for stub in ["aws-cni", "egress-cni", "portmap", "calico", "bandwidth"] {
+        stub_plugin(&bin_dir, stub);
+    }
+    std::fs::copy(
+        samples.join("eks-vpc-cni.conflist"),
+        conf_dir.join("10-aws.conflist"),
+    )
+    .unwrap();
+    let (sock, state) = (d.join("cni.sock"), d.join("run/cni-chain.json"));
+    let out = std::process::Command::new(cni_bin())
+        .arg("install")
+        .arg(format!("--bin-dir={}", bin_dir.display()))
+        .arg(format!("--conf-dir={}", conf_dir.display()))
+        .arg(format!("--socket={}", sock.display()))
+        .arg(format!("--chain-state={}", state.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut agent = b.start_agent_with(&[
+        "--iptables",
+        "--host-interface",
+        "vethirsa+",
+        "--host-ip",
+        "10.77.255.1",
+        "--cni-socket",
+        sock.to_str().unwrap(),
+        "--cni-chain-state",
+        state.to_str().unwrap(),
+        "--cni-chain-resync",
+        "1s",
+    ]);
+    b.wait_ready().await;
+    let netns0 = format!("/var/run/netns/{}", b.topo.pod_ns(0));
+    runtime_add(&conf_dir, &bin_dir, &netns0, "app-0", b.topo.pod_ip(0)).unwrap();
+    let metrics = b.ops_body("/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("irsa_imds_cni_registrations_total{")
+                && l.contains("op=\"add\"")
+                && l.contains("result=\"ok\"")),
+        "the chained hook registered the pod:\n{metrics}"
+    );
+
+    let chained = |f: &str| -> bool {
+        std::fs::read_to_string(conf_dir.join(f)).is_ok_and(|t| t.contains("\"irsa-imds-cni\""))
+    };
+    // aws-node restarts and writes its conflist back without us, atomically.
+    std::fs::copy(
+        samples.join("eks-vpc-cni.conflist"),
+        conf_dir.join(".10-aws.tmp"),
+    )
+    .unwrap();
+    std::fs::rename(
+        conf_dir.join(".10-aws.tmp"),
+        conf_dir.join("10-aws.conflist"),
+    )
+    .unwrap();
+    assert!(!chained("10-aws.conflist"));
+    // The stated bound: one --cni-chain-resync (1s here); the deadline leaves room for a slow box.
+    wait_for(Duration::from_secs(10), || async {
+        chained("10-aws.conflist")
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", b.agent_log()));
+    // Another CNI's conflist now sorts first and becomes the active one.
+    std::fs::copy(
+        samples.join("calico.conflist"),
+        conf_dir.join("05-calico.conflist"),
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(10), || async {
+        chained("05-calico.conflist")
+    })
+    .await
+    .unwrap();
+    let metrics = b.ops_body("/metrics").unwrap();
+    let rechained: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("irsa_imds_cni_rechained_total "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(rechained >= 2, "{metrics}");
+
+    // Uninstall, in the documented order: stop the agent (rules and chain stay: pods keep
+    // failing closed and keep starting), remove the hook, then the rules.
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+    assert!(chained("05-calico.conflist"));
+    assert_eq!(count(&b.topo.node_nat_rules().unwrap(), "-A IRSA-IMDS"), 1);
+    let netns1 = format!("/var/run/netns/{}", b.topo.pod_ns(1));
+    runtime_add(&conf_dir, &bin_dir, &netns1, "app-1", b.topo.pod_ip(1))
+        .expect("pods start with the agent away (fail open)");
+    let out = std::process::Command::new(cni_bin())
+        .arg("uninstall")
+        .arg(format!("--bin-dir={}", bin_dir.display()))
+        .arg(format!("--conf-dir={}", conf_dir.display()))
+        .arg(format!("--chain-state={}", state.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    uninstall_agent(&b);
+    for f in ["05-calico.conflist", "10-aws.conflist"] {
+        assert!(!chained(f), "{f}");
+    }
+    assert!(!bin_dir.join("irsa-imds-cni").exists());
+    assert!(!state.exists());
+    for tool in [
+        "iptables-legacy-save",
+        "iptables-nft-save",
+        "ip6tables-legacy-save",
+        "ip6tables-nft-save",
+    ] {
+        let all = in_node(&b, &[tool]);
+        assert_eq!(count(&all, "IRSA-IMDS"), 0, "{tool}:\n{all}");
+    }
+    let r = runtime_add(&conf_dir, &bin_dir, &netns1, "app-1", b.topo.pod_ip(1))
+        .expect("a new pod's ADD after uninstall");
+    assert_eq!(r["ips"][0]["address"], format!("{}/32", b.topo.pod_ip(1)));
 }

@@ -7,9 +7,11 @@
 //! - `seams`: the pod index, role resolver and credential cache as the protocol's seams;
 //! - `http`: accept loops, connection limits, requests in and replies out;
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`;
-//! - `rule`: the host-mode redirect rule's life cycle.
+//! - `rule`: the host-mode redirect rule's life cycle (it outlives the agent);
+//! - `chain`: keeping the CNI hook in the node's active conflist.
 
 mod agent;
+mod chain;
 mod clients;
 mod http;
 mod ops;

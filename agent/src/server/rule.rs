@@ -1,5 +1,7 @@
-//! Host mode's redirect rule over the agent's life: installed before serving, reconciled while
-//! serving, removed only on a clean shutdown (after a failure, pods must fail closed).
+//! Host mode's redirect rules over the agent's life: installed (in the iptables backend the node
+//! uses) before serving and reconciled while serving. Never removed when the agent stops, cleanly
+//! or not: through a restart or a rolling update pods are refused, never sent to the real IMDS
+//! (fail closed). Only `irsa-imds-agent uninstall` removes them.
 
 use std::net::{IpAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::Arc;
@@ -11,43 +13,41 @@ use crate::config::Config;
 use crate::netfilter::{NetfilterError, RedirectRule};
 use crate::telemetry::Metrics;
 
-/// Host mode: installs the redirect rule and keeps it reconciled until `stop`.
+/// Host mode: installs the redirect rules and keeps them reconciled until `stop`.
 pub(super) async fn install_rule(
     cfg: &Config,
     metrics: &Arc<Metrics>,
     stop: &CancellationToken,
-) -> Result<Option<Arc<RedirectRule>>, RunError> {
+) -> Result<(), RunError> {
     let (true, Some(IpAddr::V4(ip))) = (cfg.iptables, cfg.host_ip) else {
-        return Ok(None);
+        return Ok(());
     };
     let port = cfg.listen.port();
-    let rule = Arc::new(RedirectRule::new(
-        &cfg.host_interface,
-        SocketAddrV4::new(ip, port),
-        cfg.host_ipv6.map(|ip6| SocketAddrV6::new(ip6, port, 0, 0)),
-    ));
-    let r = rule.clone();
-    tokio::task::spawn_blocking(move || r.ensure())
-        .await
-        .unwrap_or_else(|e| Err(NetfilterError::Spawn("ensure".into(), e.to_string())))
-        .map_err(RunError::Netfilter)?;
-    tracing::info!(interface = %cfg.host_interface, target = %rule.target_v4, "host redirect rule installed");
+    let interfaces = cfg.host_interface.clone();
+    let v6 = cfg.host_ipv6.map(|ip6| SocketAddrV6::new(ip6, port, 0, 0));
+    let choice = cfg.iptables_backend;
+    let (rule, backend) = tokio::task::spawn_blocking(move || {
+        let backend = choice.resolve();
+        let rule =
+            RedirectRule::new(&interfaces, SocketAddrV4::new(ip, port), v6).with_backend(backend);
+        rule.ensure().map(|_| (rule, backend))
+    })
+    .await
+    .unwrap_or_else(|e| Err(NetfilterError::Spawn("ensure".into(), e.to_string())))
+    .map_err(RunError::Netfilter)?;
+    tracing::info!(
+        interfaces = %cfg.host_interface.join(","),
+        target = %rule.target_v4,
+        ipv6 = if rule.target_v6.is_some() { "dnat" } else { "reject" },
+        backend = backend.name(),
+        "host redirect rules installed"
+    );
     let metrics = metrics.clone();
     tokio::spawn(crate::netfilter::reconcile(
-        rule.clone(),
+        Arc::new(rule),
         cfg.iptables_resync,
         stop.clone(),
         move || metrics.rule_restored(),
     ));
-    Ok(Some(rule))
-}
-
-pub(super) async fn remove_rule(rule: Arc<RedirectRule>) {
-    match tokio::task::spawn_blocking(move || rule.remove())
-        .await
-        .unwrap_or_else(|e| Err(NetfilterError::Spawn("remove".into(), e.to_string())))
-    {
-        Ok(()) => tracing::info!("host redirect rule removed"),
-        Err(e) => tracing::error!(error = %e, "cannot remove host redirect rule"),
-    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use kube::Api;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::Agent;
-use super::rule::{install_rule, remove_rule};
+use super::rule::install_rule;
 use super::{Deps, Listeners, RunError, http, ops};
 use crate::config::Config;
 use crate::identity::freshness::REFRESH_SCAN;
@@ -20,9 +20,10 @@ use crate::pods::registration::{self, Op};
 /// In-flight requests get this long to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves until `shutdown` resolves (then drains, removes the host rule and returns `Ok`) or
-/// until something fatal happens (the pod watch ending), which returns the error and leaves the
-/// host rule in place so pods fail closed.
+/// Serves until `shutdown` resolves (then drains and returns `Ok`) or until something fatal
+/// happens (the pod watch ending), which returns the error. Either way the host rule and the CNI
+/// chain stay, so pods fail closed until an agent is back (only the documented uninstall removes
+/// them).
 pub async fn run_with(
     cfg: Config,
     deps: Deps,
@@ -32,7 +33,15 @@ pub async fn run_with(
     cfg.validate().map_err(RunError::Config)?;
     let agent = Arc::new(Agent::assemble(&cfg, &deps)?);
     let stop = CancellationToken::new();
-    let rule = install_rule(&cfg, &deps.metrics, &stop).await?;
+    install_rule(&cfg, &deps.metrics, &stop).await?;
+    if let Some(state) = cfg.cni_chain_state.clone() {
+        tokio::spawn(super::chain::keep_chained(
+            state,
+            cfg.cni_chain_resync,
+            deps.metrics.clone(),
+            stop.clone(),
+        ));
+    }
 
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<RunError>(1);
     {
@@ -95,12 +104,6 @@ pub async fn run_with(
             .is_err()
     {
         tracing::warn!("drain timed out; closing remaining connections");
-    }
-    // Only a clean shutdown removes the rule: after a failure, pods must fail closed.
-    if outcome.is_ok()
-        && let Some(rule) = rule
-    {
-        remove_rule(rule).await;
     }
     match &outcome {
         Ok(()) => tracing::info!("agent stopped"),

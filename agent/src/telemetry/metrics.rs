@@ -25,6 +25,7 @@ pub struct Metrics {
     refreshes: Family<Labels, Counter>,
     registrations: Family<Labels, Counter>,
     rule_restorations: Counter,
+    cni_rechains: Counter,
     pods: Gauge,
 }
 
@@ -47,6 +48,7 @@ impl Metrics {
         let refreshes = Family::<Labels, Counter>::default();
         let registrations = Family::<Labels, Counter>::default();
         let rule_restorations = Counter::default();
+        let cni_rechains = Counter::default();
         let pods = Gauge::default();
         r.register(
             "irsa_imds_requests",
@@ -89,6 +91,11 @@ impl Metrics {
             rule_restorations.clone(),
         );
         r.register(
+            "irsa_imds_cni_rechained",
+            "Times the CNI hook had to be chained again into the node's active conflist",
+            cni_rechains.clone(),
+        );
+        r.register(
             "irsa_imds_pods",
             "Pods of this node in the index",
             pods.clone(),
@@ -103,6 +110,7 @@ impl Metrics {
             refreshes,
             registrations,
             rule_restorations,
+            cni_rechains,
             pods,
         }
     }
@@ -151,6 +159,10 @@ impl Metrics {
 
     pub fn rule_restored(&self) {
         self.rule_restorations.inc();
+    }
+
+    pub fn cni_rechained(&self) {
+        self.cni_rechains.inc();
     }
 
     pub fn set_pods(&self, n: usize) {
