@@ -470,3 +470,45 @@ fn rbac_is_least_privilege() {
         );
     }
 }
+
+/// No container engine runs here, so the image is not built in the tests; what can drift is
+/// checked: the dependency layer copies every workspace member's manifest (a new crate would
+/// break the stub build), the plugin is the static musl build, both binaries and iptables ship.
+#[test]
+fn dockerfile_covers_the_workspace_and_ships_the_static_plugin() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let docker = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    let cargo = std::fs::read_to_string(format!("{root}/Cargo.toml")).unwrap();
+    let members = cargo
+        .lines()
+        .find(|l| l.starts_with("members"))
+        .unwrap()
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(members.len() >= 3, "{members:?}");
+    for m in &members {
+        assert!(
+            docker.contains(&format!("COPY {m}/Cargo.toml {m}/")),
+            "dependency layer misses {m}/Cargo.toml"
+        );
+    }
+    for want in [
+        "-unknown-linux-musl/release/irsa-imds-cni\" /irsa-imds-cni",
+        "COPY --from=build /irsa-imds-agent /irsa-imds-agent",
+        "COPY --from=build /irsa-imds-cni /irsa-imds-cni",
+        "install -y --no-install-recommends iptables",
+        "TARGETARCH",
+    ] {
+        assert!(docker.contains(want), "Dockerfile lacks {want:?}");
+    }
+    let ignore = std::fs::read_to_string(format!("{root}/.dockerignore")).unwrap();
+    for want in ["target", ".git", "tests/.deps"] {
+        assert!(
+            ignore.lines().any(|l| l == want),
+            ".dockerignore lacks {want}"
+        );
+    }
+}
