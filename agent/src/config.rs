@@ -124,6 +124,12 @@ pub struct Config {
     #[arg(long, env = "IRSA_IMDS_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
 
+    /// File keeping CNI registrations and revocations across agent restarts (the shipped
+    /// manifests use /run/irsa-imds/state.json: it survives container restarts, not reboots).
+    /// Without it they live in memory only.
+    #[arg(long, env = "IRSA_IMDS_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+
     /// Install and keep the host-mode DNAT rule for 169.254.169.254:80.
     #[arg(long, env = "IRSA_IMDS_IPTABLES")]
     pub iptables: bool,

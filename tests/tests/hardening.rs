@@ -265,3 +265,142 @@ async fn callers_that_are_not_pods_of_this_node_get_nothing() {
         .unwrap();
     assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "us-east-1"));
 }
+
+async fn cni(sock: &std::path::Path, msg: serde_json::Value) -> serde_json::Value {
+    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+    let mut line = serde_json::to_vec(&msg).unwrap();
+    line.push(b'\n');
+    s.write_all(&line).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    serde_json::from_slice(&out).unwrap()
+}
+
+async fn cni_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
+    let r = cni(sock, serde_json::json!({"v":1,"op":"add","containerId":cid,"namespace":"apps","name":name,"ips":[ip]})).await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+async fn cni_del(sock: &std::path::Path, cid: &str) {
+    let r = cni(
+        sock,
+        serde_json::json!({"v":1,"op":"del","containerId":cid}),
+    )
+    .await;
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+async fn agent_with_state(
+    kube: &KubeApi,
+    sts: &StsEmulator,
+    upstream: &FakeImds,
+    dir: &std::path::Path,
+    state: &str,
+) -> Agent {
+    let exchange = Arc::new(
+        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
+            .await,
+    );
+    let sock = dir.join(format!("{state}.sock"));
+    let file = dir.join(state);
+    Agent::start(
+        kube,
+        exchange,
+        &upstream.url(),
+        &[
+            "--cni-socket",
+            sock.to_str().unwrap(),
+            "--state-file",
+            file.to_str().unwrap(),
+            "--pod-wait",
+            "100ms",
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_revoked_ip_stays_revoked_across_an_agent_restart() {
+    let kube = KubeApi::start().await.unwrap();
+    let sts = StsEmulator::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    kube.apply_service_account("apps", "reader", &[(ANN, ROLE_A)]);
+    let dir = testbed::util::TempDir::new("state").unwrap();
+    let sock = dir.path().join("state.json.sock");
+    let (old_ip, new_ip) = ("127.0.0.221", "127.0.0.222");
+
+    let first = agent_with_state(&kube, &sts, &upstream, dir.path(), "state.json").await;
+    kube.create_pod(pod("apps", "web-0", NODE, "reader", &[old_ip]));
+    cni_add(&sock, "sandbox-1", "web-0", old_ip).await;
+    wait_for(Duration::from_secs(10), || async {
+        matches!(first.get(old_ip, CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+    cni_del(&sock, "sandbox-1").await;
+    assert_eq!(
+        first.get(old_ip, CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    first.stop().await.unwrap();
+
+    // The API still shows the deleted pod running with its IP.
+    let shown = kube.get_pod("apps", "web-0").unwrap();
+    assert_eq!(shown.status.unwrap().pod_ip.as_deref(), Some(old_ip));
+    let second = agent_with_state(&kube, &sts, &upstream, dir.path(), "state.json").await;
+    assert_eq!(
+        second.get(old_ip, CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND,
+        "revocation restored before ready"
+    );
+    // The StatefulSet's replacement (same name) starts on another IP: the old IP stays revoked.
+    cni_add(&sock, "sandbox-2", "web-0", new_ip).await;
+    assert_eq!(
+        second.get(old_ip, CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND
+    );
+    second.stop().await.unwrap();
+    let third = agent_with_state(&kube, &sts, &upstream, dir.path(), "state.json").await;
+    assert_eq!(
+        third.get(old_ip, CREDS).await.unwrap().status,
+        StatusCode::NOT_FOUND,
+        "and across a second restart"
+    );
+    third.stop().await.unwrap();
+
+    // The control: an agent without that state would hand the deleted pod's role to the IP.
+    let amnesiac = agent_with_state(&kube, &sts, &upstream, dir.path(), "empty.json").await;
+    wait_for(Duration::from_secs(10), || async {
+        matches!(amnesiac.get(old_ip, CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+    amnesiac.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreadable_state_file_is_set_aside_and_the_agent_starts_empty() {
+    let kube = KubeApi::start().await.unwrap();
+    let sts = StsEmulator::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    kube.apply_service_account("apps", "reader", &[(ANN, ROLE_A)]);
+    let dir = testbed::util::TempDir::new("badstate").unwrap();
+    let file = dir.path().join("state.json");
+    std::fs::write(&file, b"{\"v\":1,\"registrations\":[{\"containerId\":").unwrap();
+    let agent = agent_with_state(&kube, &sts, &upstream, dir.path(), "state.json").await;
+    // Ready (Agent::start waited for it), nothing half-applied, the bad file kept aside.
+    assert!(dir.path().join("state.json.bad").exists());
+    assert!(!file.exists());
+    // New registrations are saved to a fresh file.
+    let sock = dir.path().join("state.json.sock");
+    kube.create_pod(pod("apps", "a", NODE, "reader", &["127.0.0.231"]));
+    cni_add(&sock, "sandbox-a", "a", "127.0.0.231").await;
+    let saved = std::fs::read_to_string(&file).unwrap();
+    assert!(saved.contains("sandbox-a"), "{saved}");
+    wait_for(Duration::from_secs(10), || async {
+        matches!(agent.get("127.0.0.231", CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+}

@@ -92,9 +92,14 @@ pub async fn confirm(
                     ips: reg.ips.clone(),
                     ..info
                 };
-                return index
-                    .confirm(&reg.container_id, info.clone())
-                    .then_some(info);
+                if !index.confirm(&reg.container_id, info.clone()) {
+                    return None;
+                }
+                // The uid binds the sandbox to this pod across a restart.
+                if let Err(e) = index.persist().await {
+                    tracing::error!(error = %e, "cannot save registrations");
+                }
+                return Some(info);
             }
             Ok(None) => {
                 tracing::warn!(pod = %reg.name, namespace = %reg.namespace, "registered pod not found in the API");

@@ -3,18 +3,22 @@
 //! Rules (DESIGN §4):
 //! - a CNI registration is authoritative for its IPs from ADD to DEL;
 //! - otherwise the watch decides: a live (not Succeeded/Failed), non-hostNetwork pod holding the IP;
-//! - a pod whose CNI DEL arrived never matches that IP again, even while the watch lags;
+//! - a pod whose CNI DEL arrived never matches that IP again, even while the watch lags (the
+//!   revocation names the pod by uid when known, so a same-name successor does not lift it);
+//! - a pod being deleted whose containers have all terminated is gone: its IP may be reused;
+//! - registrations and revocations survive an agent restart ([`state`]);
 //! - two live pods claiming one IP: refused, never guessed; hostNetwork IPs: refused;
 //! - not known yet: the caller waits, bounded, for the registration or the watch event.
 
 pub mod confirm;
 pub mod registration;
+pub mod state;
 pub mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -28,7 +32,8 @@ pub struct PodInfo {
     pub node_name: Option<String>,
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
-    /// Phase Succeeded or Failed: its IP may already belong to someone else.
+    /// Phase Succeeded or Failed, or being deleted with every container terminated: its IP may
+    /// already belong to someone else.
     pub terminal: bool,
 }
 
@@ -55,6 +60,16 @@ impl PodInfo {
             }
         }
         let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+        // Deleted and every container stopped: the kubelet tears the sandbox down next, and the
+        // API may show the object (and its IP) a while longer.
+        let containers = status
+            .and_then(|s| s.container_statuses.as_deref())
+            .unwrap_or(&[]);
+        let wound_down = md.deletion_timestamp.is_some()
+            && !containers.is_empty()
+            && containers
+                .iter()
+                .all(|c| c.state.as_ref().is_some_and(|st| st.terminated.is_some()));
         Some(PodInfo {
             uid: md.uid.clone().filter(|s| !s.is_empty())?,
             namespace: md.namespace.clone().filter(|s| !s.is_empty())?,
@@ -70,7 +85,7 @@ impl PodInfo {
             node_name: spec.and_then(|s| s.node_name.clone()),
             ips,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
-            terminal: phase == "Succeeded" || phase == "Failed",
+            terminal: phase == "Succeeded" || phase == "Failed" || wound_down,
         })
     }
 
@@ -129,16 +144,53 @@ pub enum Change {
 
 type PodKey = (String, String);
 
+/// A sandbox's registration as the index holds it.
+#[derive(Debug, Clone)]
+struct RegEntry {
+    reg: Registration,
+    /// The pod as read from the API right after ADD.
+    confirmed: Option<Arc<PodInfo>>,
+    /// The pod uid this sandbox belongs to, once known (confirmed, or restored from the state
+    /// file): a pod of the same name with another uid is a different pod.
+    uid: Option<String>,
+}
+
+/// A pod that must never match an IP again: its CNI DEL arrived, or a newer ADD took the IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub namespace: String,
+    pub name: String,
+    /// The revoked pod's uid when it was known (confirmed registration, or the watch showed the
+    /// pod at the IP); without it the name alone identifies it.
+    pub uid: Option<String>,
+    /// Unix seconds.
+    pub since: u64,
+}
+
+impl Revocation {
+    fn matches(&self, p: &PodInfo) -> bool {
+        match &self.uid {
+            Some(uid) => *uid == p.uid,
+            None => self.namespace == p.namespace && self.name == p.name,
+        }
+    }
+}
+
+/// A revocation whose pod the watch no longer shows is dropped after this long: the watch may
+/// lag by seconds, an API object being deleted may linger for its grace period, never this long
+/// without the watch showing it.
+const REVOCATION_TTL: Duration = Duration::from_secs(3600);
+
 #[derive(Default)]
 struct State {
     pods: HashMap<String, Arc<PodInfo>>,
     by_ip: HashMap<IpAddr, Vec<String>>,
     by_name: HashMap<PodKey, String>,
-    regs: HashMap<String, (Registration, Option<Arc<PodInfo>>)>,
+    regs: HashMap<String, RegEntry>,
     reg_by_ip: HashMap<IpAddr, Vec<String>>,
-    /// (namespace, name) whose CNI DEL arrived for the IP, until the watch shows that pod gone
-    /// or a new ADD registers the name again.
-    revoked: HashMap<IpAddr, HashSet<PodKey>>,
+    /// Pods whose CNI DEL arrived for the IP (or whose IP a newer ADD took), until the watch shows
+    /// that pod gone.
+    revoked: HashMap<IpAddr, Vec<Revocation>>,
     synced: bool,
 }
 
@@ -166,11 +218,58 @@ impl State {
         }
     }
 
-    fn clear_revocations(&mut self, key: &PodKey) {
-        self.revoked.retain(|_, set| {
-            set.remove(key);
-            !set.is_empty()
+    /// The watch saw `p` go: its revocations have done their job. A name-only revocation goes
+    /// only on the IPs `p` held, so a same-name successor's revocation elsewhere stays.
+    fn clear_revocations(&mut self, p: &PodInfo) {
+        self.revoked.retain(|ip, list| {
+            list.retain(|r| match &r.uid {
+                Some(uid) => *uid != p.uid,
+                None => !(r.namespace == p.namespace && r.name == p.name && p.ips.contains(ip)),
+            });
+            !list.is_empty()
         });
+    }
+
+    /// Drops revocations older than [`REVOCATION_TTL`] that match no pod the watch shows.
+    fn expire_revocations(&mut self, now: u64) {
+        let pods = &self.pods;
+        self.revoked.retain(|_, list| {
+            list.retain(|r| {
+                now.saturating_sub(r.since) < REVOCATION_TTL.as_secs()
+                    || pods.values().any(|p| r.matches(p))
+            });
+            !list.is_empty()
+        });
+    }
+
+    fn is_revoked(&self, ip: IpAddr, p: &PodInfo) -> bool {
+        self.revoked
+            .get(&ip)
+            .is_some_and(|list| list.iter().any(|r| r.matches(p)))
+    }
+
+    /// Revokes `entry`'s pod on `ip`, by uid when the registration or the watch knows it.
+    fn revoke(&mut self, ip: IpAddr, entry: &RegEntry, now: u64) {
+        let uid = entry.uid.clone().or_else(|| {
+            self.by_name
+                .get(&(entry.reg.namespace.clone(), entry.reg.name.clone()))
+                .and_then(|u| self.pods.get(u))
+                .filter(|p| p.ips.contains(&ip))
+                .map(|p| p.uid.clone())
+        });
+        let r = Revocation {
+            namespace: entry.reg.namespace.clone(),
+            name: entry.reg.name.clone(),
+            uid,
+            since: now,
+        };
+        let list = self.revoked.entry(ip).or_default();
+        if !list
+            .iter()
+            .any(|x| x.uid == r.uid && x.namespace == r.namespace && x.name == r.name)
+        {
+            list.push(r);
+        }
     }
 
     fn lookup(&self, ip: IpAddr) -> Lookup {
@@ -183,17 +282,21 @@ impl State {
             return Lookup::HostNetwork;
         }
         if let Some(cids) = self.reg_by_ip.get(&ip) {
-            let mut owners: Vec<&(Registration, Option<Arc<PodInfo>>)> =
-                cids.iter().filter_map(|c| self.regs.get(c)).collect();
-            owners.dedup_by(|a, b| a.0.namespace == b.0.namespace && a.0.name == b.0.name);
+            let mut owners: Vec<&RegEntry> = cids.iter().filter_map(|c| self.regs.get(c)).collect();
+            owners.dedup_by(|a, b| a.reg.namespace == b.reg.namespace && a.reg.name == b.reg.name);
             if owners.len() > 1 {
                 return Lookup::Ambiguous;
             }
-            if let Some((reg, confirmed)) = owners.first() {
+            if let Some(entry) = owners.first() {
+                let (reg, confirmed) = (&entry.reg, &entry.confirmed);
+                // The watched pod of that name counts only if it is this sandbox's pod (uid,
+                // when known) and not one revoked on this IP (an older pod of the same name).
                 let watched = self
                     .by_name
                     .get(&(reg.namespace.clone(), reg.name.clone()))
-                    .and_then(|u| self.pods.get(u));
+                    .and_then(|u| self.pods.get(u))
+                    .filter(|w| entry.uid.as_ref().is_none_or(|u| *u == w.uid))
+                    .filter(|w| !self.is_revoked(ip, w));
                 return match (watched, confirmed) {
                     // A direct read after ADD names the sandbox's pod; a lagging watch may still
                     // hold an older pod of the same name.
@@ -204,14 +307,11 @@ impl State {
                 };
             }
         }
-        let revoked = self.revoked.get(&ip);
         let mut live = uids
             .iter()
             .filter_map(|u| self.pods.get(u))
             .filter(|p| p.live())
-            .filter(|p| {
-                !revoked.is_some_and(|r| r.contains(&(p.namespace.clone(), p.name.clone())))
-            });
+            .filter(|p| !self.is_revoked(ip, p));
         match (live.next(), live.next()) {
             (Some(p), None) => Lookup::Found(p.clone()),
             (Some(_), Some(_)) => Lookup::Ambiguous,
@@ -230,10 +330,18 @@ fn found_if_live(p: &Arc<PodInfo>) -> Lookup {
     }
 }
 
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// The node's pods by IP. Cheap to share (`Arc`); every method takes a short lock.
 pub struct PodIndex {
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
+    store: OnceLock<state::StateStore>,
 }
 
 impl Default for PodIndex {
@@ -247,6 +355,7 @@ impl PodIndex {
         PodIndex {
             state: Mutex::new(State::default()),
             changed: tokio::sync::watch::channel(0).0,
+            store: OnceLock::new(),
         }
     }
 
@@ -293,19 +402,20 @@ impl PodIndex {
             let mut st = self.lock();
             let p = st.pods.remove(uid)?;
             st.unindex_pod(&p);
-            st.clear_revocations(&(p.namespace.clone(), p.name.clone()));
+            st.clear_revocations(&p);
+            st.expire_revocations(unix_now());
             // A DEL that never came (runtime crash, node reboot): the registration of a pod the
             // API has deleted goes with it. Only one confirmed as this very pod: a new pod of
             // the same name may already have registered while the watch lagged.
             let stale: Vec<String> = st
                 .regs
                 .iter()
-                .filter(|(_, (_, c))| c.as_ref().is_some_and(|c| c.uid == p.uid))
+                .filter(|(_, e)| e.confirmed.as_ref().is_some_and(|c| c.uid == p.uid))
                 .map(|(cid, _)| cid.clone())
                 .collect();
             for cid in stale {
-                if let Some((reg, _)) = st.regs.remove(&cid) {
-                    unindex_reg(&mut st, &reg);
+                if let Some(e) = st.regs.remove(&cid) {
+                    unindex_reg(&mut st, &e.reg);
                 }
             }
             Some(p)
@@ -333,7 +443,11 @@ impl PodIndex {
         for p in pods {
             changes.extend(self.upsert(p));
         }
-        self.lock().synced = true;
+        {
+            let mut st = self.lock();
+            st.expire_revocations(unix_now());
+            st.synced = true;
+        }
         self.notify();
         changes
     }
@@ -349,52 +463,72 @@ impl PodIndex {
     /// A CNI ADD: the IPs belong to this pod until its DEL. IPAM hands out an address only once
     /// its previous holder is gone, so an ADD supersedes an older registration of the same IP
     /// whose DEL was lost; that older pod is revoked on the IP, exactly as if its DEL had come.
+    ///
+    /// An ADD never lifts a revocation: a same-name pod (StatefulSet) is a new pod, and the old
+    /// one stays refused on its old IP until the watch shows it gone.
     pub fn register(&self, reg: Registration) {
-        {
-            let mut st = self.lock();
-            let key = (reg.namespace.clone(), reg.name.clone());
-            st.clear_revocations(&key);
-            if let Some((old, _)) = st.regs.remove(&reg.container_id) {
-                unindex_reg(&mut st, &old);
-            }
-            for ip in &reg.ips {
-                let holders: Vec<String> = st.reg_by_ip.get(ip).cloned().unwrap_or_default();
-                for cid in holders {
-                    let Some((old, _)) = st.regs.get_mut(&cid) else {
-                        continue;
-                    };
-                    old.ips.retain(|i| i != ip);
-                    let (old_key, empty) = (
-                        (old.namespace.clone(), old.name.clone()),
-                        old.ips.is_empty(),
-                    );
-                    if empty {
-                        st.regs.remove(&cid);
-                    }
-                    st.reg_by_ip.remove(ip);
-                    if old_key != key {
-                        st.revoked.entry(*ip).or_default().insert(old_key);
-                    }
-                }
-            }
-            for ip in &reg.ips {
-                st.reg_by_ip
-                    .entry(*ip)
-                    .or_default()
-                    .push(reg.container_id.clone());
-            }
-            st.regs.insert(reg.container_id.clone(), (reg, None));
-        }
+        self.insert_registration(reg, None);
         self.notify();
     }
 
-    /// Records the pod a registration belongs to, as read from the API right after ADD.
+    fn insert_registration(&self, reg: Registration, uid: Option<String>) {
+        let now = unix_now();
+        let mut st = self.lock();
+        let key = (reg.namespace.clone(), reg.name.clone());
+        if let Some(old) = st.regs.remove(&reg.container_id) {
+            unindex_reg(&mut st, &old.reg);
+        }
+        for ip in &reg.ips {
+            let holders: Vec<String> = st.reg_by_ip.get(ip).cloned().unwrap_or_default();
+            for cid in holders {
+                let Some(old) = st.regs.get_mut(&cid) else {
+                    continue;
+                };
+                old.reg.ips.retain(|i| i != ip);
+                let (old_key, empty) = (
+                    (old.reg.namespace.clone(), old.reg.name.clone()),
+                    old.reg.ips.is_empty(),
+                );
+                let snapshot = old.clone();
+                if empty {
+                    st.regs.remove(&cid);
+                }
+                st.reg_by_ip.remove(ip);
+                if old_key != key {
+                    st.revoke(*ip, &snapshot, now);
+                }
+            }
+        }
+        for ip in &reg.ips {
+            st.reg_by_ip
+                .entry(*ip)
+                .or_default()
+                .push(reg.container_id.clone());
+        }
+        st.regs.insert(
+            reg.container_id.clone(),
+            RegEntry {
+                reg,
+                confirmed: None,
+                uid,
+            },
+        );
+    }
+
+    /// Records the pod a registration belongs to, as read from the API right after ADD (or
+    /// after a restart). Refused when the names differ, or when the sandbox is known to belong
+    /// to another uid (a same-name pod created since).
     pub fn confirm(&self, container_id: &str, info: PodInfo) -> bool {
         let ok = {
             let mut st = self.lock();
             match st.regs.get_mut(container_id) {
-                Some((reg, slot)) if reg.namespace == info.namespace && reg.name == info.name => {
-                    *slot = Some(Arc::new(info));
+                Some(e)
+                    if e.reg.namespace == info.namespace
+                        && e.reg.name == info.name
+                        && e.uid.as_ref().is_none_or(|u| *u == info.uid) =>
+                {
+                    e.uid = Some(info.uid.clone());
+                    e.confirmed = Some(Arc::new(info));
                     true
                 }
                 _ => false,
@@ -406,17 +540,15 @@ impl PodIndex {
 
     /// A CNI DEL: the IPs stop matching this pod at once. Idempotent.
     pub fn unregister(&self, container_id: &str) -> Option<Registration> {
+        let now = unix_now();
         let reg = {
             let mut st = self.lock();
-            let (reg, _) = st.regs.remove(container_id)?;
-            unindex_reg(&mut st, &reg);
-            for ip in &reg.ips {
-                st.revoked
-                    .entry(*ip)
-                    .or_default()
-                    .insert((reg.namespace.clone(), reg.name.clone()));
+            let entry = st.regs.remove(container_id)?;
+            unindex_reg(&mut st, &entry.reg);
+            for ip in &entry.reg.ips {
+                st.revoke(*ip, &entry, now);
             }
-            Some(reg)
+            Some(entry.reg)
         };
         self.notify();
         reg
@@ -438,11 +570,94 @@ impl PodIndex {
             .count()
     }
 
+    /// Keeps registrations and revocations in `store` from now on ([`persist`](Self::persist)).
+    /// Set once, at start; later calls are ignored.
+    pub fn set_store(&self, store: state::StateStore) {
+        let _ = self.store.set(store);
+    }
+
+    /// Writes registrations and revocations to the state file, if there is one. Writes are
+    /// serialised and each writes the state as it is when its turn comes, so the last write
+    /// always holds the latest state.
+    pub async fn persist(&self) -> Result<(), state::StateError> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        store.save_with(|| self.snapshot()).await
+    }
+
+    /// What the state file keeps: every registration (with its pod uid when known) and every
+    /// revocation.
+    pub fn snapshot(&self) -> state::Snapshot {
+        let st = self.lock();
+        let mut registrations: Vec<state::SavedRegistration> = st
+            .regs
+            .values()
+            .map(|e| state::SavedRegistration {
+                container_id: e.reg.container_id.clone(),
+                namespace: e.reg.namespace.clone(),
+                name: e.reg.name.clone(),
+                ips: e.reg.ips.clone(),
+                uid: e.uid.clone(),
+            })
+            .collect();
+        registrations.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        let mut revocations: Vec<state::SavedRevocation> = st
+            .revoked
+            .iter()
+            .flat_map(|(ip, list)| {
+                list.iter().map(|r| state::SavedRevocation {
+                    ip: *ip,
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    uid: r.uid.clone(),
+                    since: r.since,
+                })
+            })
+            .collect();
+        revocations.sort_by(|a, b| (a.ip, &a.name).cmp(&(b.ip, &b.name)));
+        state::Snapshot {
+            v: state::STATE_VERSION,
+            registrations,
+            revocations,
+        }
+    }
+
+    /// Loads a saved state into an index that has not served yet; returns the registrations,
+    /// to be confirmed again against the API.
+    pub fn restore(&self, snap: state::Snapshot) -> Vec<Registration> {
+        let mut regs = Vec::with_capacity(snap.registrations.len());
+        for r in snap.registrations {
+            let reg = Registration {
+                container_id: r.container_id,
+                namespace: r.namespace,
+                name: r.name,
+                ips: r.ips,
+            };
+            self.insert_registration(reg.clone(), r.uid);
+            regs.push(reg);
+        }
+        {
+            let mut st = self.lock();
+            for r in snap.revocations {
+                let list = st.revoked.entry(r.ip).or_default();
+                list.push(Revocation {
+                    namespace: r.namespace,
+                    name: r.name,
+                    uid: r.uid,
+                    since: r.since,
+                });
+            }
+        }
+        self.notify();
+        regs
+    }
+
     /// Whether `container_id` is registered with exactly these IPs (CNI CHECK).
     pub fn is_registered(&self, container_id: &str, ips: &[IpAddr]) -> bool {
         let st = self.lock();
-        st.regs.get(container_id).is_some_and(|(r, _)| {
-            let mut a = r.ips.clone();
+        st.regs.get(container_id).is_some_and(|e| {
+            let mut a = e.reg.ips.clone();
             let mut b = ips.to_vec();
             a.sort();
             b.sort();
@@ -627,6 +842,102 @@ mod tests {
         idx.remove("u1");
         assert!(!idx.is_registered("c1", &[ip("10.0.0.1")]));
         assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_same_name_add_does_not_revive_the_old_pods_ip() {
+        let idx = PodIndex::new();
+        idx.upsert(pod("u1", "web-0", "sa", &["10.0.0.1"]));
+        idx.register(reg("c1", "web-0", &["10.0.0.1"]));
+        idx.unregister("c1");
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+        // The StatefulSet's replacement gets a new sandbox and IP while the watch lags.
+        idx.register(reg("c2", "web-0", &["10.0.0.2"]));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+        // Even if the lagging watch shows the old pod again.
+        idx.upsert(pod("u1", "web-0", "sa", &["10.0.0.1"]));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+        // The new pod is not blocked on its own IP, and the old one's removal lifts the old IP's
+        // revocation only.
+        idx.confirm("c2", pod("u2", "web-0", "sa", &[]));
+        assert_eq!(uid_at(&idx, "10.0.0.2").as_deref(), Some("u2"));
+        idx.remove("u1");
+        assert_eq!(uid_at(&idx, "10.0.0.2").as_deref(), Some("u2"));
+    }
+
+    #[test]
+    fn an_unconfirmed_del_keeps_the_name_revoked_on_that_ip_only() {
+        let idx = PodIndex::new();
+        idx.register(reg("c1", "web-0", &["10.0.0.1"]));
+        idx.unregister("c1");
+        // The watch delivers the older pod object late, with the revoked IP.
+        idx.upsert(pod("u1", "web-0", "sa", &["10.0.0.1"]));
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+        // A pod of that name removed elsewhere does not lift it.
+        idx.upsert(pod("u0", "web-0", "sa", &["10.0.0.7"]));
+        idx.remove("u0");
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+    }
+
+    #[test]
+    fn a_deleted_pod_whose_containers_all_stopped_is_terminal() {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStatus,
+            PodSpec, PodStatus,
+        };
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+        let make = |deleting: bool, states: &[bool]| Pod {
+            metadata: ObjectMeta {
+                uid: Some("u1".into()),
+                namespace: Some("ns".into()),
+                name: Some("p".into()),
+                deletion_timestamp: deleting
+                    .then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("n1".into()),
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                pod_ip: Some("10.0.0.1".into()),
+                container_statuses: Some(
+                    states
+                        .iter()
+                        .map(|done| ContainerStatus {
+                            name: "c".into(),
+                            state: Some(if *done {
+                                ContainerState {
+                                    terminated: Some(ContainerStateTerminated::default()),
+                                    ..Default::default()
+                                }
+                            } else {
+                                ContainerState {
+                                    running: Some(ContainerStateRunning::default()),
+                                    ..Default::default()
+                                }
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+        };
+        let terminal = |deleting, states: &[bool]| {
+            PodInfo::from_pod(&make(deleting, states)).unwrap().terminal
+        };
+        assert!(terminal(true, &[true, true]));
+        assert!(
+            !terminal(true, &[true, false]),
+            "one container still running"
+        );
+        assert!(
+            !terminal(false, &[true, true]),
+            "not being deleted (restart policy)"
+        );
+        assert!(!terminal(true, &[]), "no container status yet");
     }
 
     #[test]

@@ -155,6 +155,35 @@ pub fn parse(line: &[u8]) -> Result<Op, RegistrationError> {
     }
 }
 
+/// The checks an ADD passes, for registrations read back from the state file.
+pub(crate) fn validate(
+    container_id: Option<&str>,
+    namespace: &str,
+    name: &str,
+    ips: &[IpAddr],
+) -> Result<(), RegistrationError> {
+    if let Some(id) = container_id {
+        check_container_id(id)?;
+    }
+    check_dns("namespace", namespace, 63)?;
+    check_dns("name", name, 253)?;
+    if ips.is_empty() || ips.len() > MAX_IPS {
+        return Err(RegistrationError::Invalid {
+            field: "ips",
+            reason: format!("1 to {MAX_IPS} addresses"),
+        });
+    }
+    for ip in ips {
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(RegistrationError::Invalid {
+                field: "ips",
+                reason: format!("{ip} cannot be a pod address"),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_container_id(id: &str) -> Result<(), RegistrationError> {
     if id.is_empty()
         || id.len() > 128
@@ -331,6 +360,14 @@ async fn handle(
             r.map(|_| op)
         }),
     };
+    // On disk before the runtime hears "done": once a DEL is answered the IP may be handed out
+    // again, and the revocation must outlive an agent restart.
+    if let Ok(op) = &result
+        && !matches!(op, Op::Check { .. })
+        && let Err(e) = index.persist().await
+    {
+        tracing::error!(error = %e, "cannot save registrations; they will not survive a restart");
+    }
     let resp = match &result {
         Ok(op) => {
             tracing::debug!(op = op.metric_label(), "registration applied");

@@ -102,13 +102,17 @@ impl Agent {
     pub(super) fn on_registration(self: &Arc<Self>, op: &Op, ok: bool) {
         self.metrics.registration(op.metric_label(), ok);
         if let (Op::Add(reg), true) = (op, ok) {
-            let this = self.clone();
-            let reg: Registration = reg.clone();
-            tokio::spawn(async move {
-                if let Some(pod) = confirm(&this.index, &*this.pods, &this.node, &reg).await {
-                    this.prefetch(Arc::new(pod)).await;
-                }
-            });
+            self.confirm_in_background(reg.clone());
         }
+    }
+
+    /// Reads the registered pod from the API, confirms the registration, prefetches.
+    pub(super) fn confirm_in_background(self: &Arc<Self>, reg: Registration) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(pod) = confirm(&this.index, &*this.pods, &this.node, &reg).await {
+                this.prefetch(Arc::new(pod)).await;
+            }
+        });
     }
 }

@@ -16,9 +16,39 @@ use super::{Deps, Listeners, RunError, http, ops};
 use crate::config::Config;
 use crate::identity::freshness::REFRESH_SCAN;
 use crate::pods::registration::{self, Op};
+use crate::pods::state::StateStore;
+use crate::pods::{PodIndex, Registration};
 
 /// In-flight requests get this long to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Loads the state file into `index` (see [`crate::pods::state`] for what a bad file does) and
+/// keeps it there from now on; returns the restored registrations, to be confirmed again.
+fn restore_state(index: &PodIndex, path: &std::path::Path) -> Vec<Registration> {
+    let store = StateStore::new(path);
+    let restored = match store.load() {
+        Ok(Some(snap)) => {
+            let (regs, revs) = (snap.registrations.len(), snap.revocations.len());
+            let restored = index.restore(snap);
+            tracing::info!(path = %path.display(), registrations = regs, revocations = revs, "state restored");
+            restored
+        }
+        Ok(None) => {
+            tracing::info!(path = %path.display(), "no saved state; starting empty");
+            Vec::new()
+        }
+        Err(e) => {
+            let moved = store.set_aside();
+            tracing::error!(
+                error = %e, moved_to = ?moved,
+                "saved registrations unusable; starting without them (revocations of pods the API still shows are lost)"
+            );
+            Vec::new()
+        }
+    };
+    index.set_store(store);
+    restored
+}
 
 /// Serves until `shutdown` resolves (then drains and returns `Ok`) or until something fatal
 /// happens (the pod watch ending), which returns the error. Either way the host rule and the CNI
@@ -32,6 +62,12 @@ pub async fn run_with(
 ) -> Result<(), RunError> {
     cfg.validate().map_err(RunError::Config)?;
     let agent = Arc::new(Agent::assemble(&cfg, &deps)?);
+    // Saved registrations and revocations go back in before anything is served or watched.
+    if let Some(path) = &cfg.state_file {
+        for reg in restore_state(&agent.index, path) {
+            agent.confirm_in_background(reg);
+        }
+    }
     let stop = CancellationToken::new();
     install_rule(&cfg, &deps.metrics, &stop).await?;
     if let Some(state) = cfg.cni_chain_state.clone() {
