@@ -181,6 +181,10 @@ impl Revocation {
 /// without the watch showing it.
 const REVOCATION_TTL: Duration = Duration::from_secs(3600);
 
+/// Revocations kept per IP. Each is a pod that held the IP and whose deletion the watch has not
+/// shown yet; a handful is normal even under heavy churn.
+const MAX_REVOCATIONS_PER_IP: usize = 64;
+
 #[derive(Default)]
 struct State {
     pods: HashMap<String, Arc<PodInfo>>,
@@ -219,12 +223,17 @@ impl State {
     }
 
     /// The watch saw `p` go: its revocations have done their job. A name-only revocation goes
-    /// only on the IPs `p` held, so a same-name successor's revocation elsewhere stays.
+    /// only on the IPs `p` held (all of them if the watch never saw it with one), so a same-name
+    /// successor's revocation elsewhere stays.
     fn clear_revocations(&mut self, p: &PodInfo) {
         self.revoked.retain(|ip, list| {
             list.retain(|r| match &r.uid {
                 Some(uid) => *uid != p.uid,
-                None => !(r.namespace == p.namespace && r.name == p.name && p.ips.contains(ip)),
+                None => {
+                    !(r.namespace == p.namespace
+                        && r.name == p.name
+                        && (p.ips.is_empty() || p.ips.contains(ip)))
+                }
             });
             !list.is_empty()
         });
@@ -268,6 +277,10 @@ impl State {
             .iter()
             .any(|x| x.uid == r.uid && x.namespace == r.namespace && x.name == r.name)
         {
+            // Bounded: the oldest goes first (its pod is the likeliest to be long gone).
+            if list.len() >= MAX_REVOCATIONS_PER_IP {
+                list.remove(0);
+            }
             list.push(r);
         }
     }
