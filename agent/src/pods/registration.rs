@@ -339,12 +339,16 @@ async fn handle(
         .unwrap_or(0);
     let allowed = peer == 0 || peer == own;
     let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r);
     let mut line = Vec::new();
     let read = tokio::time::timeout(
         READ_TIMEOUT,
-        BufReader::new(r.take(MAX_MESSAGE + 1)).read_until(b'\n', &mut line),
+        (&mut reader)
+            .take(MAX_MESSAGE + 1)
+            .read_until(b'\n', &mut line),
     )
     .await;
+    let unread_rest = matches!(read, Ok(Ok(_))) && !line.ends_with(b"\n") && !line.is_empty();
     let result = match read {
         Err(_) => Err(RegistrationError::Malformed(
             "timed out reading the request".into(),
@@ -389,7 +393,39 @@ async fn handle(
     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
     out.push(b'\n');
     w.write_all(&out).await?;
+    if unread_rest {
+        // An oversized request: the client is still writing it and reads the answer only after.
+        // Closing now would fail its write (a reset instead of the error above); swallow the rest
+        // of its line, bounded in bytes and time, so it gets to read why it was refused.
+        let _ = tokio::time::timeout(READ_TIMEOUT, discard_line(&mut reader, MAX_DISCARD)).await;
+    }
     w.shutdown().await
+}
+
+/// How much of an oversized request is read and dropped so its sender sees the answer.
+const MAX_DISCARD: u64 = 16 << 20;
+
+async fn discard_line(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    max: u64,
+) -> std::io::Result<()> {
+    let mut left = max;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            r.consume(i + 1);
+            return Ok(());
+        }
+        let n = buf.len();
+        r.consume(n);
+        left = left.saturating_sub(n as u64);
+        if left == 0 {
+            return Ok(());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -521,6 +557,45 @@ mod tests {
         stop.cancel();
         task.await.unwrap();
         assert!(!path.exists(), "socket removed on shutdown");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_request_gets_the_json_error_not_a_reset() {
+        let dir = std::env::temp_dir().join(format!("irsa-big-{}", std::process::id()));
+        let path = dir.join("cni.sock");
+        let listener = bind(&path).unwrap();
+        let index = Arc::new(PodIndex::new());
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            path.clone(),
+            index.clone(),
+            Arc::new(|_: &Op, _| {}),
+            stop.clone(),
+        ));
+        // What the plugin does: write the whole line, then read the answer.
+        let p2 = path.clone();
+        let reply = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::os::unix::net::UnixStream::connect(&p2).unwrap();
+            let mut msg = br#"{"v":1,"op":"gc","valid":[""#.to_vec();
+            msg.extend(std::iter::repeat_n(b'a', 4 * MAX_MESSAGE as usize));
+            msg.extend_from_slice(b"\"]}\n");
+            s.write_all(&msg).map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+            Ok::<_, String>(out)
+        })
+        .await
+        .unwrap();
+        let reply = reply.expect("answered, not reset");
+        assert!(
+            reply.contains("\"ok\":false") && reply.contains("larger than"),
+            "{reply}"
+        );
+        stop.cancel();
+        task.await.unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 
