@@ -749,6 +749,7 @@ async fn agent_restart_never_exposes_the_node_role() {
             }
         })
     };
+    let leak = |a: &Answer| matches!(a, Answer::Role(r) if r != "legacy-reader");
     let seen =
         |pred: &dyn Fn(&Answer) -> bool| answers.lock().unwrap().iter().filter(|a| pred(a)).count();
 
@@ -760,10 +761,15 @@ async fn agent_restart_never_exposes_the_node_role() {
         let refused_before = seen(&|a| *a == Answer::Refused);
         // The pod keeps calling while no agent runs.
         wait_for(Duration::from_secs(20), || async {
-            seen(&|a| *a == Answer::Refused) >= refused_before + 20
+            seen(&|a| *a == Answer::Refused) >= refused_before + 20 || seen(&leak) > 0
         })
         .await
         .unwrap();
+        assert_eq!(
+            seen(&leak),
+            0,
+            "round {round}: the node's role leaked while no agent ran"
+        );
         agent = b.start_agent();
         b.wait_ready().await;
         let served_before = seen(&|a| *a == Answer::Role("legacy-reader".into()));
