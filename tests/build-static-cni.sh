@@ -15,8 +15,9 @@ mkdir -p "$out"
 say() { printf '[static-cni] %s\n' "$*"; }
 
 musl="$arch-unknown-linux-musl"
-if rustup target list --installed 2>/dev/null | grep -qx "$musl" \
-  || timeout 120 rustup target add "$musl" >/dev/null 2>&1; then
+# IRSA_STATIC_CNI_LIBC=glibc forces the fallback (to check it still links static).
+if [ "${IRSA_STATIC_CNI_LIBC:-musl}" = musl ] && { rustup target list --installed 2>/dev/null | grep -qx "$musl" \
+  || timeout 120 rustup target add "$musl" >/dev/null 2>&1; }; then
   triple="$musl"
   how="musl ($musl)"
   flags=""
