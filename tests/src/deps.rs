@@ -35,3 +35,21 @@ pub fn require(p: &Path) -> anyhow::Result<PathBuf> {
         )
     }
 }
+
+/// `$IRSA_TESTBED_CACHE` (default `/var/cache/irsa-imds-testbed`): what the setup scripts build or
+/// install outside the repository (promtool, the AWS CLI 1.16 venv, ...).
+pub fn testbed_cache() -> PathBuf {
+    std::env::var_os("IRSA_TESTBED_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/irsa-imds-testbed"))
+}
+
+/// The AWS CLI 1.16.209 (botocore 1.12.199) that `tests/setup-awscli.sh` installs.
+pub fn awscli_116() -> PathBuf {
+    testbed_cache().join("awscli-1.16/bin/aws")
+}
+
+/// promtool, built by `tests/setup-promtool.sh`.
+pub fn promtool() -> PathBuf {
+    testbed_cache().join("bin/promtool")
+}

@@ -90,6 +90,83 @@ impl RoleTrust {
     }
 }
 
+impl RoleTrust {
+    /// Reads an IAM trust policy document the way STS applies it to web identity tokens from
+    /// `provider` (the issuer URL without `https://`): the statement that allows
+    /// `sts:AssumeRoleWithWebIdentity` to `arn:<partition>:iam::<account>:oidc-provider/<provider>`,
+    /// with `StringEquals` on `<provider>:sub` (one subject or a list) and `<provider>:aud`.
+    /// Anything else in the policy is refused rather than ignored, so a test cannot pass on a
+    /// policy this emulator does not understand.
+    pub fn from_policy(policy: &Value, provider: &str) -> anyhow::Result<RoleTrust> {
+        use anyhow::{Context, bail, ensure};
+        ensure!(
+            policy["Version"] == "2012-10-17",
+            "policy Version must be 2012-10-17"
+        );
+        let statements = match &policy["Statement"] {
+            Value::Array(a) => a.clone(),
+            s @ Value::Object(_) => vec![s.clone()],
+            _ => bail!("policy has no Statement"),
+        };
+        ensure!(
+            statements.len() == 1,
+            "one statement expected, got {}",
+            statements.len()
+        );
+        let st = &statements[0];
+        ensure!(st["Effect"] == "Allow", "Effect must be Allow");
+        ensure!(
+            st["Action"] == "sts:AssumeRoleWithWebIdentity",
+            "Action must be sts:AssumeRoleWithWebIdentity"
+        );
+        let federated = st["Principal"]["Federated"]
+            .as_str()
+            .context("Principal.Federated missing")?;
+        ensure!(
+            federated.starts_with("arn:aws")
+                && federated.ends_with(&format!(":oidc-provider/{provider}")),
+            "Principal.Federated {federated} is not the provider {provider}"
+        );
+        let cond = st["Condition"].as_object().context("Condition missing")?;
+        ensure!(
+            cond.keys().all(|k| k == "StringEquals"),
+            "only StringEquals conditions are understood: {cond:?}"
+        );
+        let eq = cond
+            .get("StringEquals")
+            .and_then(|v| v.as_object())
+            .context("StringEquals missing")?;
+        let (sub_key, aud_key) = (format!("{provider}:sub"), format!("{provider}:aud"));
+        ensure!(
+            eq.keys().all(|k| *k == sub_key || *k == aud_key),
+            "unexpected condition keys: {:?}",
+            eq.keys().collect::<Vec<_>>()
+        );
+        let subjects = match eq.get(&sub_key) {
+            Some(Value::String(s)) => BTreeSet::from([s.clone()]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .context("sub must be strings")
+                })
+                .collect::<anyhow::Result<_>>()?,
+            _ => bail!("{sub_key} condition missing: every ServiceAccount would be trusted"),
+        };
+        let audience = eq
+            .get(&aud_key)
+            .and_then(|v| v.as_str())
+            .with_context(|| format!("{aud_key} condition missing"))?
+            .to_string();
+        Ok(RoleTrust {
+            subjects,
+            audience,
+            max_session: Duration::from_secs(3600),
+        })
+    }
+}
+
 /// Which roles exist and whom they trust.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Trust {

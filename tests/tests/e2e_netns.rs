@@ -123,7 +123,11 @@ impl Bed {
                 "--kubeconfig",
                 self.dir.0.join("kubeconfig").to_str().unwrap(),
             ])
-            .args(["--log-format", "text"])
+            .args(if args.contains(&"--log-format") {
+                vec![]
+            } else {
+                vec!["--log-format", "text"]
+            })
             .args(args)
             .env("AWS_REGION", "us-east-1")
             .env(
@@ -291,6 +295,114 @@ async fn old_and_current_sdks_get_their_own_pods_role_through_the_redirect() {
         "clean exit after SIGTERM: {status}\n{}",
         b.agent_log()
     );
+}
+
+/// docs/install.md, "Verify with an old SDK": the guide's `aws sts get-caller-identity` from the
+/// AWS CLI 1.16.209 it names, run in a pod, gets the pod's own role; the agent's audit line for it
+/// is the JSON line the guide shows (every field, no secret).
+#[tokio::test]
+async fn install_guide_verify_step_with_awscli_116_and_its_audit_line() {
+    let guide = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/install.md"),
+    )
+    .unwrap();
+    assert!(
+        guide.contains("pip install -q awscli==1.16.209"),
+        "the guide installs the CLI this test runs"
+    );
+    // The guide's own command line, pointed at the test bed's STS.
+    let line = guide
+        .lines()
+        .find(|l| l.contains("aws sts get-caller-identity"))
+        .unwrap();
+    let cmd = &line[line.find("aws sts get-caller-identity").unwrap()..];
+    let cmd = cmd.trim_end_matches(['\'', ' ', '\\']);
+    let args: Vec<&str> = cmd.split_whitespace().skip(1).collect();
+    assert_eq!(args[..2], ["sts", "get-caller-identity"], "{cmd}");
+
+    let aws = testbed::deps::require(&testbed::deps::awscli_116()).unwrap();
+    let b = bed(3, "awscli").await;
+    let mut agent = b.start_agent_with(&[
+        "--iptables",
+        "--host-interface",
+        "vethirsa+",
+        "--host-ip",
+        "10.77.255.1",
+        "--log-format",
+        "json",
+    ]);
+    b.wait_ready().await;
+
+    let sts = format!("http://{}:{}", b.topo.node_ip(), b.moto.port());
+    let mut run = b.topo.exec_in(b.topo.pod_ns(0), "env");
+    run.arg("-i")
+        .arg("PATH=/usr/local/bin:/usr/bin:/bin")
+        .arg(format!("HOME={}", b.dir.0.join("home").display()))
+        .arg("AWS_CONFIG_FILE=/nonexistent/config")
+        .arg("AWS_SHARED_CREDENTIALS_FILE=/nonexistent/credentials")
+        .arg(&aws)
+        .args(&args[..])
+        .args(["--endpoint-url", &sts, "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = tokio::time::timeout(Duration::from_secs(90), run.output())
+        .await
+        .expect("aws timed out")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "aws: {}\nagent log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.agent_log()
+    );
+    let who: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(who["Arn"], assumed(READER, 0), "{who}");
+    assert_eq!(who["Account"], "123456789012");
+
+    let log = b.agent_log();
+    let audit: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "audit")
+        .collect();
+    assert_eq!(audit.len(), 1, "one audit line per credential set:\n{log}");
+    let a = &audit[0];
+    assert_eq!(a["message"], "credentials vended");
+    assert_eq!(a["pod"], "app-0");
+    assert_eq!(a["namespace"], "legacy");
+    assert_eq!(a["service_account"], "reader");
+    assert_eq!(a["role"], READER);
+    assert_eq!(a["source_ip"], b.topo.pod_ip(0).to_string());
+    assert!(
+        a["access_key_id"].as_str().unwrap().starts_with("ASIA"),
+        "{a}"
+    );
+    let exp = a["expiration"].as_str().unwrap();
+    assert!(exp.len() == 20 && exp.ends_with('Z'), "{exp}");
+    // The guide shows exactly these keys (its example line parses and names the same fields).
+    let shown = guide
+        .lines()
+        .find(|l| l.starts_with('{') && l.contains("\"target\":\"audit\""))
+        .unwrap();
+    let shown: Value = serde_json::from_str(shown).unwrap();
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&shown),
+        keys(a),
+        "the guide's audit line has the real fields"
+    );
+    for secret in ["SecretAccessKey", "secret_access_key", "session_token"] {
+        assert!(!log.contains(secret), "{secret} in the agent log");
+    }
+
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status}");
 }
 
 /// `iptables -t nat <args>` in the node namespace (someone tampering with the agent's rule).
