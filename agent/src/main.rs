@@ -16,7 +16,7 @@ async fn main() {
         return;
     }
     let cfg = Config::parse();
-    telemetry::init_logging(cfg.log_format);
+    telemetry::init_logging(cfg.log_format, &cfg.node_name);
     if let Err(msg) = cfg.validate() {
         fail(&format!("invalid configuration: {msg}"));
     }

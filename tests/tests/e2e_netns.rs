@@ -360,6 +360,10 @@ async fn install_guide_verify_step_with_awscli_116_and_its_audit_line() {
     assert_eq!(who["Account"], "123456789012");
 
     let log = b.agent_log();
+    for l in log.lines() {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert_eq!(v["node"], NODE, "every line names the node: {l}");
+    }
     let audit: Vec<Value> = log
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -37,7 +37,7 @@ pub(super) async fn install_rule(
     .map_err(RunError::Netfilter)?;
     tracing::info!(
         interfaces = %cfg.host_interface.join(","),
-        target = %rule.target_v4,
+        redirect_to = %rule.target_v4,
         ipv6 = if rule.target_v6.is_some() { "dnat" } else { "reject" },
         backend = backend.name(),
         "host redirect rules installed"

@@ -18,8 +18,9 @@ pub enum LogFormat {
     Text,
 }
 
-/// Installs the global subscriber (JSON in-cluster by default; `RUST_LOG` filters).
-pub fn init_logging(format: LogFormat) {
+/// Installs the global subscriber (JSON in-cluster by default; `RUST_LOG` filters). Every line
+/// names `node`, the node this agent serves.
+pub fn init_logging(format: LogFormat, node: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
@@ -29,7 +30,12 @@ pub fn init_logging(format: LogFormat) {
         // Colour codes only for a person at a terminal, never in files or log collectors.
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(json::JsonLine::new(node))
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }
+
+pub mod json;
