@@ -404,3 +404,99 @@ async fn an_unreadable_state_file_is_set_aside_and_the_agent_starts_empty() {
     .await
     .unwrap();
 }
+
+/// Every log line this test binary writes, for counting (installed once; tests in this binary
+/// tell their lines apart by their pods' source addresses).
+fn captured_logs() -> Arc<std::sync::Mutex<Vec<u8>>> {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b2 = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(b2.clone()))
+            .finish();
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        buf
+    })
+    .clone()
+}
+
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn lines_with(logs: &std::sync::Mutex<Vec<u8>>, needles: &[&str]) -> usize {
+    String::from_utf8_lossy(&logs.lock().unwrap())
+        .lines()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .count()
+}
+
+#[tokio::test]
+async fn ten_thousand_gets_write_one_audit_line() {
+    let logs = captured_logs();
+    let b = bed(FakeImds::start().await.unwrap(), &["--pod-wait", "50ms"]).await;
+    let ip = "127.0.0.241";
+    add_pod(&b, "chatty", ip).await;
+    let path = format!("{CREDS}reader");
+    // One keep-alive connection, as an SDK in a loop would use.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(ip.parse().unwrap(), 0)).unwrap();
+    let stream = sock.connect(b.agent.imds).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut keys = std::collections::HashSet::new();
+    for _ in 0..10_000 {
+        let req = http::Request::get(path.as_str())
+            .header("host", "169.254.169.254")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        keys.insert(v["AccessKeyId"].as_str().unwrap().to_string());
+    }
+    assert_eq!(keys.len(), 1, "one credential set");
+    let vended = lines_with(&logs, &["credentials vended", ip]);
+    assert_eq!(vended, 1, "one audit line for one credential set");
+    let served = b
+        .agent
+        .metrics
+        .encode()
+        .lines()
+        .find(|l| {
+            l.starts_with("irsa_imds_requests_total{")
+                && l.contains("route=\"credentials\"")
+                && l.contains("code=\"200\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(served >= 10_000, "every serve counted: {served}");
+
+    // An unknown caller: a line per source per minute, not per request.
+    let stranger = "127.0.0.242";
+    for _ in 0..50 {
+        assert_eq!(
+            b.agent.get(stranger, CREDS).await.unwrap().status,
+            StatusCode::NOT_FOUND
+        );
+    }
+    assert_eq!(lines_with(&logs, &["not identified", stranger]), 1);
+}

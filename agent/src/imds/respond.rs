@@ -3,8 +3,10 @@
 //! reply out. No sockets here: the HTTP plumbing lives in the server, the seams' real
 //! implementations in `pods` and `identity`, so each rule of DESIGN §3 is unit-tested with fakes.
 
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -70,16 +72,67 @@ pub struct Decision {
     pub answer: Answer,
 }
 
-/// The protocol's state: the session-token key and the operator's choices.
-#[derive(Debug)]
+/// What a pod is told when its role cannot be assumed. Fixed: the cause (which may name the
+/// agent's own ServiceAccount or quote the API server) goes to the logs and the pod's Events.
+pub const ASSUME_ROLE_FAILED: &str =
+    "The role could not be assumed for this pod; see the pod's events for the cause.";
+
+/// A credential set is audited once per pod; it lives at most 12 h (STS), so entries can go after.
+const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
+/// Credential sets remembered as audited; beyond that the oldest may be audited twice.
+const AUDIT_CAPACITY: u64 = 100_000;
+/// One "not identified" line per source address per this long.
+const UNKNOWN_CALLER_LOG_EVERY: Duration = Duration::from_secs(60);
+const UNKNOWN_CALLER_SOURCES: u64 = 10_000;
+
+/// The protocol's state: the session-token key, the operator's choices, and what has been
+/// audited already (so logs grow with credential sets and callers, not with requests).
 pub struct Protocol {
     tokens: TokenAuthority,
     policy: Policy,
+    /// (pod uid, access key id) hashes already written to the audit log.
+    audited: moka::sync::Cache<u64, ()>,
+    /// Source addresses whose refusal was logged recently.
+    refused_logged: moka::sync::Cache<IpAddr, ()>,
+}
+
+impl std::fmt::Debug for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Protocol")
+            .field("tokens", &self.tokens)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Protocol {
     pub fn new(tokens: TokenAuthority, policy: Policy) -> Self {
-        Protocol { tokens, policy }
+        Protocol {
+            tokens,
+            policy,
+            audited: moka::sync::Cache::builder()
+                .max_capacity(AUDIT_CAPACITY)
+                .time_to_live(AUDIT_MEMORY)
+                .build(),
+            refused_logged: moka::sync::Cache::builder()
+                .max_capacity(UNKNOWN_CALLER_SOURCES)
+                .time_to_live(UNKNOWN_CALLER_LOG_EVERY)
+                .build(),
+        }
+    }
+
+    /// True the first time this pod is served this credential set.
+    fn first_serve(&self, pod: &PodInfo, access_key_id: &str) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pod.uid.hash(&mut h);
+        access_key_id.hash(&mut h);
+        let key = h.finish();
+        if self.audited.contains_key(&key) {
+            return false;
+        }
+        // Two racing first requests may both log: harmless, and no lock on the hot path.
+        self.audited.insert(key, ());
+        true
     }
 
     /// Answers one request from `ip`. The span carries the caller's pod once it is known, so
@@ -112,10 +165,14 @@ impl Protocol {
         let pod = match s.callers.identify(ip).await {
             Lookup::Found(pod) => pod,
             other => {
-                tracing::info!(
-                    result = other.metric_label(),
-                    "caller not identified; refused"
-                );
+                // Rate-limited per source: an unknown caller cannot grow the log per request.
+                if !self.refused_logged.contains_key(&ip) {
+                    self.refused_logged.insert(ip, ());
+                    tracing::info!(
+                        result = other.metric_label(),
+                        "caller not identified; refused (logged once a minute per source)"
+                    );
+                }
                 return Answer::Reply(match route {
                     Route::IssueToken { .. } => Reply::status(StatusCode::FORBIDDEN),
                     _ => Reply::not_found(),
@@ -170,38 +227,41 @@ impl Protocol {
                 if *head.method == Method::HEAD {
                     return Answer::Reply(Reply::ok(Bytes::new()));
                 }
-                credentials_reply(s.credentials.credentials(&pod, &role).await, &role, ip, now)
+                let got = s.credentials.credentials(&pod, &role).await;
+                if let Ok(c) = &got
+                    && self.first_serve(&pod, &c.access_key_id)
+                {
+                    tracing::info!(
+                        target: "audit",
+                        role = %role.role_arn, source_ip = %ip, access_key_id = %c.access_key_id,
+                        expiration = %wire::timestamp(c.expiration), "credentials vended"
+                    );
+                }
+                credentials_reply(got, now)
             }
             _ => Reply::not_found(),
         })
     }
 }
 
-fn credentials_reply(
-    got: Result<Credentials, IdentityError>,
-    role: &RoleSpec,
-    ip: IpAddr,
-    now: std::time::SystemTime,
-) -> Reply {
+/// The credentials reply; the audit line (once per credential set and pod) is written by the
+/// caller, and every serve is counted in `irsa_imds_requests_total{route="credentials"}`.
+fn credentials_reply(got: Result<Credentials, IdentityError>, now: std::time::SystemTime) -> Reply {
     match got {
-        Ok(c) => {
-            tracing::info!(
-                target: "audit",
-                role = %role.role_arn, source_ip = %ip, access_key_id = %c.access_key_id,
-                expiration = %wire::timestamp(c.expiration), "credentials vended"
-            );
-            Reply::ok(wire::credentials(
-                &c.access_key_id,
-                c.secret_access_key.expose(),
-                c.session_token.expose(),
-                c.expiration,
-                c.issued_at,
-            ))
-        }
+        Ok(c) => Reply::ok(wire::credentials(
+            &c.access_key_id,
+            c.secret_access_key.expose(),
+            c.session_token.expose(),
+            c.expiration,
+            c.issued_at,
+        )),
         // The pod went away while we asked: it has no credentials any more.
         Err(IdentityError::PodGone { .. }) => Reply::not_found(),
         // What EC2 answers for a role it cannot assume: SDKs report it instead of retrying.
-        Err(e) if !e.retryable() => Reply::ok(wire::assume_role_failure(&e.to_string(), now)),
+        Err(e) if !e.retryable() => {
+            tracing::debug!(error = %e, "role cannot be assumed");
+            Reply::ok(wire::assume_role_failure(ASSUME_ROLE_FAILED, now))
+        }
         Err(_) => Reply::status(StatusCode::SERVICE_UNAVAILABLE),
     }
 }

@@ -501,6 +501,9 @@ async fn a_role_that_cannot_be_assumed_answers_like_ec2() {
     let v = json(&r);
     assert_eq!(v["Code"], "AssumeRoleUnauthorizedAccess");
     assert_eq!(v["LastUpdated"], "2026-11-18T11:06:40Z");
+    // A fixed message: nothing of the cause (which may quote the API server) reaches the pod.
+    assert_eq!(v["Message"], super::ASSUME_ROLE_FAILED);
+    assert!(!String::from_utf8_lossy(&r.body).contains("not authorized"));
     assert!(
         v.get("AccessKeyId").is_none()
             && v.get("Token").is_none()
