@@ -145,7 +145,8 @@ impl PluginConf {
     }
 
     fn log(&self, msg: &str) {
-        let line = format!("irsa-imds-cni: {msg}\n");
+        // One event, one line: control characters from anything the runtime passed are escaped.
+        let line = format!("irsa-imds-cni: {}\n", escape_controls(msg));
         if let Some(path) = &self.log_file
             && let Ok(mut f) = std::fs::OpenOptions::new()
                 .create(true)
@@ -245,6 +246,26 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
         ));
     }
     let pc = PluginConf::from(&conf)?;
+    // Runtimes use hex ids; the agent accepts [A-Za-z0-9._-]{1,128}. Refused before anything is
+    // logged or sent, and never echoed (it may carry newlines meant to forge log lines).
+    let container_id = || -> Result<String, CniError> {
+        let id = env.container_id.clone().ok_or_else(|| {
+            CniError::new(
+                code::INVALID_ENV,
+                "missing environment variable",
+                "CNI_CONTAINERID",
+            )
+        })?;
+        if valid_container_id(&id) {
+            Ok(id)
+        } else {
+            Err(CniError::new(
+                code::INVALID_ENV,
+                "invalid CNI_CONTAINERID",
+                "expected 1-128 characters of [A-Za-z0-9._-]",
+            ))
+        }
+    };
     let need = |v: &Option<String>, name: &str| {
         v.clone().ok_or_else(|| {
             CniError::new(
@@ -256,7 +277,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
     };
     match command {
         "ADD" => {
-            let container_id = need(&env.container_id, "CNI_CONTAINERID")?;
+            let container_id = container_id()?;
             need(&env.ifname, "CNI_IFNAME")?;
             let prev = conf.get("prevResult").cloned().ok_or_else(|| {
                 CniError::new(
@@ -308,7 +329,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             Ok(Some(prev.to_string()))
         }
         "DEL" => {
-            let container_id = need(&env.container_id, "CNI_CONTAINERID")?;
+            let container_id = container_id()?;
             // Idempotent, and a missing agent is not an error: the sandbox is going away anyway.
             if let Err(e) = agent::del(&pc.socket, pc.timeout, &container_id) {
                 pc.log(&format!("DEL {container_id}: {e} (ignored)"));
@@ -323,7 +344,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                     version,
                 ));
             }
-            let container_id = need(&env.container_id, "CNI_CONTAINERID")?;
+            let container_id = container_id()?;
             let prev = conf.get("prevResult").cloned().ok_or_else(|| {
                 CniError::new(
                     code::INVALID_CONFIG,
@@ -411,9 +432,45 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
     }
 }
 
+fn valid_container_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn escape_controls(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_container_id_with_a_newline_is_refused_before_any_log() {
+        for bad in ["abc\ninjected line", "", "a b", "../x", &"a".repeat(129)] {
+            let env = Env {
+                command: Some("DEL".into()),
+                container_id: Some(bad.to_string()),
+                ..Default::default()
+            };
+            let conf = br#"{"cniVersion":"1.0.0","name":"n","type":"irsa-imds-cni","agentSocket":"/nonexistent/x.sock"}"#;
+            let err = run(&env, conf).unwrap_err();
+            assert_eq!(err.code, code::INVALID_ENV, "{bad:?}");
+            assert!(!err.to_json(None).contains("injected"), "not echoed");
+        }
+        assert_eq!(escape_controls("a\nb\r\u{1b}c"), "a\\nb\\r\\u{1b}c");
+    }
 
     #[test]
     fn cni_args_parse_like_runtimes_send_them() {
