@@ -80,5 +80,6 @@ fi
 bash "$here/setup-sdk-clients.sh"  # Java and Go SDK clients, built into the test-bed cache
 bash "$here/setup-helm.sh"         # helm and kubernetes-validate (chart tests), into the test-bed cache
 bash "$here/setup-promtool.sh" && bash "$here/setup-awscli.sh" # docs/: promtool for deploy/prometheus-rules.yaml, the install guide's awscli 1.16
+bash "$here/setup-controlplane.sh"  # etcd, kube-apiserver, kubectl (Go) into $IRSA_TESTBED_CACHE/bin
 
 say "dependencies ready in $deps"

@@ -83,3 +83,63 @@ pub async fn sigterm(
     )?;
     Ok(tokio::time::timeout(within, child.wait()).await??)
 }
+
+/// A loopback TCP proxy whose connections the test can cut: `cut` closes every open connection
+/// and refuses new ones until `resume` (a network partition between a client and its server).
+pub struct TcpProxy {
+    pub addr: std::net::SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+    _stop: StopOnDrop,
+}
+
+impl TcpProxy {
+    pub async fn start(target: std::net::SocketAddr) -> std::io::Result<TcpProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let stop = CancellationToken::new();
+        let (open2, gen2, stop2) = (open.clone(), generation.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = stop2.cancelled() => return,
+                    a = listener.accept() => match a { Ok(x) => x, Err(_) => continue },
+                };
+                if !open2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let mut cut = gen2.subscribe();
+                let stop = stop2.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                        _ = stop.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(TcpProxy {
+            addr,
+            open,
+            generation,
+            _stop: StopOnDrop(stop),
+        })
+    }
+
+    /// Closes every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn resume(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
