@@ -182,6 +182,8 @@ impl ControlPlane {
                 format!("--api-audiences={API_AUDIENCE}"),
                 format!("--token-auth-file={}", d.join("tokens.csv").display()),
                 "--authorization-mode=Node,RBAC".into(),
+                // The DaemonSet's CNI install step is privileged, as on a real cluster.
+                "--allow-privileged=true".into(),
                 "--enable-admission-plugins=NodeRestriction,ValidatingAdmissionPolicy".into(),
                 "--service-cluster-ip-range=10.96.0.0/24".into(),
                 // Watches go to etcd, so an etcd compaction really forces 410 Gone on a resumed
@@ -277,6 +279,11 @@ impl ControlPlane {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The admin's bearer token (e.g. for the issuer's discovery endpoints).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
     }
 
     pub fn admin_kubeconfig(&self) -> PathBuf {

@@ -354,7 +354,10 @@ pub async fn get_json(
         .build();
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build::<_, Empty<Bytes>>(https);
-    let mut req = http::Request::get(url).header("accept", "application/json");
+    // A real kube-apiserver serves the JWK Set as application/jwk-set+json and answers 406 to a
+    // client that accepts only application/json.
+    let mut req =
+        http::Request::get(url).header("accept", "application/json, application/jwk-set+json");
     if let Some(t) = bearer {
         req = req.header("authorization", format!("Bearer {t}"));
     }

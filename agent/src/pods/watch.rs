@@ -17,6 +17,11 @@ pub enum WatchError {
     /// and the kubelet restarts it.
     #[error("pod watch for node {node} ended")]
     Ended { node: String },
+    /// The API server refuses the list or watch (the agent's RBAC lacks the rule): retrying
+    /// cannot help, and a frozen or empty view must not be served as ready. The message is the
+    /// API server's, naming the verb and resource it refused.
+    #[error("pod watch for node {node} forbidden: {message}")]
+    Forbidden { node: String, message: String },
 }
 
 /// Feeds `index` from the API until the stream ends; `on_change` hears arrivals and departures.
@@ -55,11 +60,26 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                if let Some(message) = forbidden(&e) {
+                    return WatchError::Forbidden { node, message };
+                }
                 tracing::warn!(error = %e, node = %node, "pod watch error; retrying with backoff")
             }
         }
     }
     WatchError::Ended { node }
+}
+
+/// The API server's message when it refused the list or watch with 403.
+fn forbidden(e: &watcher::Error) -> Option<String> {
+    let status = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s,
+        _ => return None,
+    };
+    (status.code == 403).then(|| status.message.clone())
 }
 
 /// Only pods of this node enter the index, whatever the server sent.

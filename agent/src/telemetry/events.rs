@@ -69,7 +69,7 @@ impl EventSink {
         let this = self.clone();
         tokio::spawn(async move {
             if let Err(err) = this.recorder.publish(&event, &reference).await {
-                tracing::debug!(error = %err, "cannot publish event");
+                tracing::warn!(error = %err, "cannot publish event");
             }
         });
     }
