@@ -26,18 +26,19 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY agent/Cargo.toml agent/
 COPY cni-hook/Cargo.toml cni-hook/
+COPY proto/Cargo.toml proto/
 COPY tests/Cargo.toml tests/
-RUN mkdir -p agent/src cni-hook/src tests/src \
+RUN mkdir -p agent/src cni-hook/src proto/src tests/src \
  && echo 'fn main() {}' > agent/src/main.rs && touch agent/src/lib.rs \
  && echo 'fn main() {}' > cni-hook/src/main.rs && touch cni-hook/src/lib.rs \
- && touch tests/src/lib.rs \
+ && touch proto/src/lib.rs tests/src/lib.rs \
  && cargo build --release --locked -p irsa-imds-agent \
  && cargo build --release --locked -p irsa-imds-cni --target "$(cat /musl-arch)-unknown-linux-musl" \
- && rm -rf agent/src cni-hook/src tests/src
+ && rm -rf agent/src cni-hook/src proto/src tests/src
 
 COPY . .
 # COPY keeps the context's mtimes, which may predate the stub build: make cargo see the change.
-RUN touch agent/src/main.rs agent/src/lib.rs cni-hook/src/main.rs cni-hook/src/lib.rs \
+RUN touch agent/src/main.rs agent/src/lib.rs cni-hook/src/main.rs cni-hook/src/lib.rs proto/src/lib.rs \
  && cargo build --release --locked -p irsa-imds-agent \
  && cargo build --release --locked -p irsa-imds-cni --target "$(cat /musl-arch)-unknown-linux-musl" \
  && cp target/release/irsa-imds-agent /irsa-imds-agent \

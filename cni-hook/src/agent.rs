@@ -1,15 +1,15 @@
-//! The client side of the agent's registration socket: one JSON line out, one JSON line back.
+//! The client side of the agent's registration socket: one request line out, one answer line
+//! back. The message, its version, limits and validators are `irsa-imds-proto`'s, shared with
+//! the agent.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use irsa_imds_proto::{Add, MAX_MESSAGE, Request, Response};
 
-pub const PROTOCOL_VERSION: u32 = 1;
-const MAX_REPLY: u64 = 64 * 1024;
-
+// Causes are part of the message: it ends up whole in a CNI error's `details` or the log.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("agent socket {path}: {source}")]
@@ -32,6 +32,7 @@ impl AgentError {
     }
 }
 
+/// Registers a sandbox's pod and addresses (the caller validated them with the same rules).
 pub fn add(
     sock: &Path,
     timeout: Duration,
@@ -40,28 +41,32 @@ pub fn add(
     name: &str,
     ips: &[String],
 ) -> Result<(), AgentError> {
-    call(
-        sock,
-        timeout,
-        json!({"v": PROTOCOL_VERSION, "op": "add", "containerId": container_id, "namespace": ns, "name": name, "ips": ips}),
-    )
+    send(sock, timeout, &add_request(container_id, ns, name, ips))
+}
+
+/// The ADD request, for validation before it is sent.
+pub fn add_request(container_id: &str, ns: &str, name: &str, ips: &[String]) -> Request {
+    Request::Add(Add {
+        container_id: container_id.into(),
+        namespace: ns.into(),
+        name: name.into(),
+        ips: ips.to_vec(),
+    })
 }
 
 pub fn del(sock: &Path, timeout: Duration, container_id: &str) -> Result<(), AgentError> {
-    call(
-        sock,
-        timeout,
-        json!({"v": PROTOCOL_VERSION, "op": "del", "containerId": container_id}),
-    )
+    let req = Request::Del {
+        container_id: container_id.into(),
+    };
+    send(sock, timeout, &req)
 }
 
 /// CNI GC: the agent drops every registration whose sandbox is not in `valid`.
 pub fn gc(sock: &Path, timeout: Duration, valid: &[String]) -> Result<(), AgentError> {
-    call(
-        sock,
-        timeout,
-        json!({"v": PROTOCOL_VERSION, "op": "gc", "valid": valid}),
-    )
+    let req = Request::Gc {
+        valid: valid.to_vec(),
+    };
+    send(sock, timeout, &req)
 }
 
 pub fn check(
@@ -70,36 +75,31 @@ pub fn check(
     container_id: &str,
     ips: &[String],
 ) -> Result<(), AgentError> {
-    call(
-        sock,
-        timeout,
-        json!({"v": PROTOCOL_VERSION, "op": "check", "containerId": container_id, "ips": ips}),
-    )
+    let req = Request::Check {
+        container_id: container_id.into(),
+        ips: ips.to_vec(),
+    };
+    send(sock, timeout, &req)
 }
 
-fn call(sock: &Path, timeout: Duration, msg: Value) -> Result<(), AgentError> {
+/// Sends `req` and waits, at most `timeout` per read and write, for the agent's answer.
+fn send(sock: &Path, timeout: Duration, req: &Request) -> Result<(), AgentError> {
     let mut s = UnixStream::connect(sock).map_err(|source| AgentError::Unreachable {
         path: sock.display().to_string(),
         source,
     })?;
     s.set_read_timeout(Some(timeout)).map_err(AgentError::Io)?;
     s.set_write_timeout(Some(timeout)).map_err(AgentError::Io)?;
-    let mut line = msg.to_string().into_bytes();
-    line.push(b'\n');
-    s.write_all(&line).map_err(AgentError::Io)?;
+    s.write_all(&req.encode()).map_err(AgentError::Io)?;
     let mut reply = String::new();
-    std::io::Read::take(BufReader::new(s), MAX_REPLY)
+    std::io::Read::take(BufReader::new(s), MAX_MESSAGE)
         .read_line(&mut reply)
         .map_err(AgentError::Io)?;
-    let v: Value = serde_json::from_str(reply.trim()).map_err(|_| AgentError::BadReply)?;
-    match v.get("ok").and_then(Value::as_bool) {
-        Some(true) => Ok(()),
-        Some(false) => Err(AgentError::Refused(
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("no reason")
-                .to_string(),
+    match Response::decode(reply.trim().as_bytes()) {
+        Ok(Response { ok: true, .. }) => Ok(()),
+        Ok(Response { error, .. }) => Err(AgentError::Refused(
+            error.unwrap_or_else(|| "no reason".into()),
         )),
-        None => Err(AgentError::BadReply),
+        Err(_) => Err(AgentError::BadReply),
     }
 }

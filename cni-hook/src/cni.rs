@@ -198,13 +198,6 @@ fn result_ips(prev: &Value) -> Result<Vec<String>, CniError> {
     Ok(out)
 }
 
-fn valid_k8s_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
 /// Runs one CNI command; `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
 pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
     let command = env.command.as_deref().unwrap_or("");
@@ -289,9 +282,16 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             let ips = result_ips(&prev)?;
             let args = cni_args(env.args.as_deref());
             match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
-                (Some(ns), Some(name))
-                    if valid_k8s_name(ns) && valid_k8s_name(name) && !ips.is_empty() =>
-                {
+                (Some(ns), Some(name)) if !ips.is_empty() => {
+                    // The agent's own rules (one crate for both): what it would refuse is the
+                    // runtime's error here, never an "agent unavailable".
+                    if let Err(e) = agent::add_request(&container_id, ns, name, &ips).validate() {
+                        return Err(CniError::new(
+                            code::INVALID_ENV,
+                            "invalid CNI_ARGS",
+                            e.to_string(),
+                        ));
+                    }
                     if let Err(e) =
                         agent::add(&pc.socket, pc.timeout, &container_id, ns, name, &ips)
                     {
@@ -313,13 +313,6 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                             CniError::new(code::POD_REDIRECT, "cannot install pod redirect", e)
                         })?;
                     }
-                }
-                (Some(_), Some(_)) if !ips.is_empty() => {
-                    return Err(CniError::new(
-                        code::INVALID_ENV,
-                        "invalid CNI_ARGS",
-                        "K8S_POD_NAMESPACE/K8S_POD_NAME are not Kubernetes names",
-                    ));
                 }
                 _ => pc.log(&format!(
                     "ADD {container_id}: not a Kubernetes pod or no IPs; nothing to register"

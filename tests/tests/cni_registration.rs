@@ -103,13 +103,26 @@ fn cni_bin() -> std::path::PathBuf {
     bin
 }
 
-/// CNI ADD through the real plugin binary, as the runtime runs it after the main plugin.
-async fn plugin_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
+/// What the plugin binary did with one ADD: whether it succeeded, and its stdout as JSON.
+struct PluginRun {
+    ok: bool,
+    out: serde_json::Value,
+}
+
+/// CNI ADD through the real plugin binary (fail-closed), as the runtime runs it after the main
+/// plugin, for pod `ns/name` at prevResult address `address`.
+async fn plugin_run(
+    sock: &std::path::Path,
+    cid: &str,
+    ns: &str,
+    name: &str,
+    address: &str,
+) -> (PluginRun, serde_json::Value) {
     let conf = serde_json::json!({
         "cniVersion": "0.4.0", "name": "aws-cni", "type": "irsa-imds-cni",
         "agentSocket": sock, "timeoutMs": 2000, "failClosed": true,
         "prevResult": {"cniVersion": "0.4.0", "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
-                       "ips": [{"version": "4", "interface": 0, "address": format!("{ip}/32")}], "dns": {}}
+                       "ips": [{"version": "4", "interface": 0, "address": address}], "dns": {}}
     });
     let mut child = tokio::process::Command::new(cni_bin())
         .env_clear()
@@ -118,7 +131,7 @@ async fn plugin_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
         .env("CNI_NETNS", "/var/run/netns/x")
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", "/opt/cni/bin")
-        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=apps;K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={cid}"))
+        .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID={cid}"))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -131,13 +144,90 @@ async fn plugin_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
         .await
         .unwrap();
     let out = child.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "ADD failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(result, conf["prevResult"], "prevResult passed through");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stdout));
+    });
+    let run = PluginRun {
+        ok: out.status.success(),
+        out: json,
+    };
+    (run, conf)
+}
+
+/// CNI ADD through the real plugin binary; it must succeed and pass prevResult through.
+async fn plugin_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
+    let (run, conf) = plugin_run(sock, cid, "apps", name, &format!("{ip}/32")).await;
+    assert!(run.ok, "ADD failed: {}", run.out);
+    assert_eq!(run.out, conf["prevResult"], "prevResult passed through");
+}
+
+/// The plugin and the agent share one set of validators: every edge case goes through the real
+/// plugin binary (fail-closed) to the real agent socket, and the same request straight to the
+/// socket. Valid: the plugin registers it and the agent holds it. Invalid: the plugin refuses it
+/// as the runtime's bad input (never "agent unavailable") and the agent refuses it too.
+#[tokio::test]
+async fn plugin_and_agent_agree_on_every_validator_edge_case() {
+    use irsa_imds_proto::edge_cases::{CONTAINER_IDS, IPS, NAMESPACES, POD_NAMES};
+    let b = bed("edges").await;
+    let long_id = "c".repeat(irsa_imds_proto::MAX_CONTAINER_ID);
+    let too_long_id = format!("{long_id}c");
+    let mut cases: Vec<(String, String, String, String, bool)> = Vec::new();
+    let mut n = 0;
+    let mut next = |cid: Option<&str>, ns: &str, name: &str, ip: Option<&str>, ok: bool| {
+        n += 1;
+        let cid = cid.map_or_else(|| format!("edge{n}"), str::to_string);
+        let ip = ip.map_or_else(
+            || format!("10.9.{}.{}", n / 250, 1 + n % 250),
+            str::to_string,
+        );
+        cases.push((cid, ns.to_string(), name.to_string(), ip, ok));
+    };
+    for (ns, ok) in NAMESPACES {
+        next(None, ns, "p", None, *ok);
+    }
+    for (name, ok) in POD_NAMES {
+        next(None, "apps", name, None, *ok);
+    }
+    for (cid, ok) in CONTAINER_IDS {
+        next(Some(cid), "apps", "p", None, *ok);
+    }
+    next(Some(&long_id), "apps", "p", None, true);
+    next(Some(&too_long_id), "apps", "p", None, false);
+    for (ip, ok) in IPS {
+        // A prevResult address carries a prefix length; the plugin strips it.
+        if !ip.contains('/') {
+            next(None, "apps", "p", Some(ip), *ok);
+        }
+    }
+    for (cid, ns, name, ip, ok) in &cases {
+        let what = format!("containerId={cid:?} namespace={ns:?} name={name:?} ip={ip:?}");
+        let (run, _) = plugin_run(&b.sock, cid, ns, name, &format!("{ip}/32")).await;
+        assert_eq!(run.ok, *ok, "plugin: {what}: {}", run.out);
+        // Straight to the socket, the same request: the agent's own verdict.
+        let direct = irsa_imds_proto::Request::Add(irsa_imds_proto::Add {
+            container_id: cid.clone(),
+            namespace: ns.clone(),
+            name: name.clone(),
+            ips: vec![ip.clone()],
+        });
+        let msg: serde_json::Value = serde_json::from_slice(&direct.encode()).unwrap();
+        let reply = cni(&b.sock, msg).await;
+        assert_eq!(reply["ok"], *ok, "agent: {what}: {reply}");
+        if *ok {
+            let check = serde_json::json!({"v":1,"op":"check","containerId":cid,"ips":[ip]});
+            assert_eq!(cni(&b.sock, check).await["ok"], true, "registered: {what}");
+            del(&b.sock, cid).await;
+        } else {
+            // The runtime's bad input (4: CNI_ARGS/env, 7: prevResult), never 11 "try again".
+            let code = run.out["code"].as_u64();
+            assert!(matches!(code, Some(4 | 7)), "plugin: {what}: {}", run.out);
+            assert!(
+                reply["error"].as_str().unwrap_or("").contains("invalid"),
+                "agent: {what}: {reply}"
+            );
+        }
+    }
+    println!("{} edge cases: plugin and agent agree", cases.len());
 }
 
 /// With watch events 2 s late, every pod that registers through CNI ADD and asks at once gets its

@@ -1,57 +1,26 @@
-//! The CNI hook's registration socket.
+//! The CNI hook's registration socket: the agent's side of `irsa-imds-proto`.
 //!
-//! Unix stream socket, root only (mode 0600). One request per connection: one JSON object and a
-//! newline in, one JSON line out, then close. At most [`MAX_MESSAGE`] bytes, read within
-//! [`READ_TIMEOUT`]. Requests:
-//! `{"v":1,"op":"add","containerId":..,"namespace":..,"name":..,"ips":[..]}`,
-//! `{"v":1,"op":"del","containerId":..}`, `{"v":1,"op":"check","containerId":..,"ips":[..]}`,
-//! `{"v":1,"op":"gc","valid":[containerId, ..]}` (CNI 1.1 GC: drop every other registration).
-//! Answers: `{"v":1,"ok":true}` or `{"v":1,"ok":false,"error":".."}`.
+//! Unix stream socket, root only (mode 0600, and the peer's uid checked). One request per
+//! connection, at most [`MAX_MESSAGE`] bytes, read within [`READ_TIMEOUT`]; the message, its
+//! version and its validators are the proto crate's, shared with the plugin.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use irsa_imds_proto::{
+    MAX_MESSAGE, ProtoError, Request, Response, check_container_id, check_namespace,
+    check_pod_name, parse_ips,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{PodIndex, Registration};
 
-pub const PROTOCOL_VERSION: u32 = 1;
-pub const MAX_MESSAGE: u64 = 64 * 1024;
 /// The plugin runs inside the runtime's sandbox setup; a slow or stuck client must not hold a task.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_IPS: usize = 16;
-/// A node runs a few hundred sandboxes at most; a GC list beyond this is not a real one.
-const MAX_VALID: usize = 4096;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Request {
-    v: u32,
-    op: String,
-    #[serde(rename = "containerId", default)]
-    container_id: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    ips: Option<Vec<String>>,
-    #[serde(default)]
-    valid: Option<Vec<String>>,
-}
-
-#[derive(Debug, Serialize, PartialEq, Eq)]
-struct Response {
-    v: u32,
-    ok: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
 
 /// What a valid request asks the index to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,75 +53,32 @@ impl Op {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RegistrationError {
-    #[error("malformed request: {0}")]
-    Malformed(String),
-    #[error("unsupported protocol version {0} (this agent speaks {PROTOCOL_VERSION})")]
-    Version(u32),
-    #[error("unknown op {0:?}")]
-    UnknownOp(String),
-    #[error("invalid {field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
     #[error("sandbox {0} is not registered with these IPs")]
     NotRegistered(String),
     #[error("peer uid {0} may not register pods (only root or the agent's own user)")]
     Forbidden(u32),
 }
 
-/// Parses and validates one request line. Pure, so hostile input is unit-tested.
+/// Decodes and validates one request line. Pure, so hostile input is unit-tested.
 pub fn parse(line: &[u8]) -> Result<Op, RegistrationError> {
-    let req: Request =
-        serde_json::from_slice(line).map_err(|e| RegistrationError::Malformed(e.to_string()))?;
-    if req.v != PROTOCOL_VERSION {
-        return Err(RegistrationError::Version(req.v));
-    }
-    if req.op == "gc" {
-        let valid = req.valid.ok_or_else(|| RegistrationError::Invalid {
-            field: "valid",
-            reason: "gc needs the list of valid sandboxes".into(),
-        })?;
-        if valid.len() > MAX_VALID {
-            return Err(RegistrationError::Invalid {
-                field: "valid",
-                reason: format!("more than {MAX_VALID}"),
-            });
-        }
-        for id in &valid {
-            check_container_id(id)?;
-        }
-        return Ok(Op::Gc { valid });
-    }
-    check_container_id(&req.container_id)?;
-    match req.op.as_str() {
-        "add" => {
-            let namespace = req.namespace.unwrap_or_default();
-            let name = req.name.unwrap_or_default();
-            check_dns("namespace", &namespace, 63)?;
-            check_dns("name", &name, 253)?;
-            let ips = parse_ips(req.ips.unwrap_or_default())?;
-            if ips.is_empty() {
-                return Err(RegistrationError::Invalid {
-                    field: "ips",
-                    reason: "at least one IP is needed".into(),
-                });
-            }
-            Ok(Op::Add(Registration {
-                container_id: req.container_id,
-                namespace,
-                name,
-                ips,
-            }))
-        }
-        "del" => Ok(Op::Del {
-            container_id: req.container_id,
+    let req = Request::decode(line)?;
+    req.validate()?;
+    Ok(match req {
+        Request::Add(add) => Op::Add(Registration {
+            ips: parse_ips(&add.ips)?,
+            container_id: add.container_id,
+            namespace: add.namespace,
+            name: add.name,
         }),
-        "check" => Ok(Op::Check {
-            container_id: req.container_id,
-            ips: parse_ips(req.ips.unwrap_or_default())?,
-        }),
-        other => Err(RegistrationError::UnknownOp(
-            other.chars().take(32).collect(),
-        )),
-    }
+        Request::Del { container_id } => Op::Del { container_id },
+        Request::Check { container_id, ips } => Op::Check {
+            ips: parse_ips(&ips)?,
+            container_id,
+        },
+        Request::Gc { valid } => Op::Gc { valid },
+    })
 }
 
 /// The checks an ADD passes, for registrations read back from the state file.
@@ -165,83 +91,17 @@ pub(crate) fn validate(
     if let Some(id) = container_id {
         check_container_id(id)?;
     }
-    check_dns("namespace", namespace, 63)?;
-    check_dns("name", name, 253)?;
-    if ips.is_empty() || ips.len() > MAX_IPS {
-        return Err(RegistrationError::Invalid {
+    check_namespace(namespace)?;
+    check_pod_name(name)?;
+    let raw: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+    if parse_ips(&raw)?.is_empty() {
+        return Err(ProtoError::Invalid {
             field: "ips",
-            reason: format!("1 to {MAX_IPS} addresses"),
-        });
-    }
-    for ip in ips {
-        if ip.is_unspecified() || ip.is_multicast() {
-            return Err(RegistrationError::Invalid {
-                field: "ips",
-                reason: format!("{ip} cannot be a pod address"),
-            });
+            reason: "at least one IP is needed".into(),
         }
+        .into());
     }
     Ok(())
-}
-
-fn check_container_id(id: &str) -> Result<(), RegistrationError> {
-    if id.is_empty()
-        || id.len() > 128
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(RegistrationError::Invalid {
-            field: "containerId",
-            reason: "1-128 of [A-Za-z0-9._-]".into(),
-        });
-    }
-    Ok(())
-}
-
-fn check_dns(field: &'static str, s: &str, max: usize) -> Result<(), RegistrationError> {
-    let ok = !s.is_empty()
-        && s.len() <= max
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-        && !s.starts_with(['-', '.'])
-        && !s.ends_with(['-', '.']);
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistrationError::Invalid {
-            field,
-            reason: format!("{s:?} is not a DNS name"),
-        })
-    }
-}
-
-fn parse_ips(raw: Vec<String>) -> Result<Vec<IpAddr>, RegistrationError> {
-    if raw.len() > MAX_IPS {
-        return Err(RegistrationError::Invalid {
-            field: "ips",
-            reason: format!("more than {MAX_IPS}"),
-        });
-    }
-    let mut out = Vec::with_capacity(raw.len());
-    for s in raw {
-        let ip: IpAddr = s.parse().map_err(|_| RegistrationError::Invalid {
-            field: "ips",
-            reason: format!("{s:?} is not an IP address"),
-        })?;
-        let ip = ip.to_canonical();
-        // Loopback is accepted: the socket is root-only, and the test bed plays pods on 127/8.
-        if ip.is_unspecified() || ip.is_multicast() {
-            return Err(RegistrationError::Invalid {
-                field: "ips",
-                reason: format!("{ip} cannot be a pod address"),
-            });
-        }
-        if !out.contains(&ip) {
-            out.push(ip);
-        }
-    }
-    Ok(out)
 }
 
 /// Binds the socket, replacing a stale one from a previous run, readable by root only.
@@ -350,13 +210,11 @@ async fn handle(
     .await;
     let unread_rest = matches!(read, Ok(Ok(_))) && !line.ends_with(b"\n") && !line.is_empty();
     let result = match read {
-        Err(_) => Err(RegistrationError::Malformed(
-            "timed out reading the request".into(),
-        )),
+        Err(_) => Err(ProtoError::Malformed("timed out reading the request".into()).into()),
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(_)) if line.len() as u64 > MAX_MESSAGE => Err(RegistrationError::Malformed(format!(
-            "request larger than {MAX_MESSAGE} bytes"
-        ))),
+        Ok(Ok(_)) if line.len() as u64 > MAX_MESSAGE => {
+            Err(ProtoError::Malformed(format!("request larger than {MAX_MESSAGE} bytes")).into())
+        }
         Ok(Ok(_)) if !allowed => Err(RegistrationError::Forbidden(peer)),
         Ok(Ok(_)) => parse(line.strip_suffix(b"\n").unwrap_or(&line)).and_then(|op| {
             let r = apply(index, &op);
@@ -375,24 +233,14 @@ async fn handle(
     let resp = match &result {
         Ok(op) => {
             tracing::debug!(op = op.metric_label(), "registration applied");
-            Response {
-                v: PROTOCOL_VERSION,
-                ok: true,
-                error: None,
-            }
+            Response::ok()
         }
         Err(e) => {
             tracing::warn!(error = %e, "registration refused");
-            Response {
-                v: PROTOCOL_VERSION,
-                ok: false,
-                error: Some(e.to_string()),
-            }
+            Response::refused(e.to_string())
         }
     };
-    let mut out = serde_json::to_vec(&resp).unwrap_or_default();
-    out.push(b'\n');
-    w.write_all(&out).await?;
+    w.write_all(&resp.encode()).await?;
     if unread_rest {
         // An oversized request: the client is still writing it and reads the answer only after.
         // Closing now would fail its write (a reset instead of the error above); swallow the rest
