@@ -7,8 +7,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::identity::freshness::{
-    CREDENTIAL_DURATION_RANGE, DEFAULT_CREDENTIAL_DURATION, DEFAULT_REFRESH_AT,
-    MIN_SERVED_REMAINING,
+    CREDENTIAL_DURATION_RANGE, DEFAULT_CREDENTIAL_DURATION, DEFAULT_REFRESH_AT, MIN_REFRESH_AT,
 };
 use crate::imds::DEFAULT_UPSTREAM_ALLOW;
 pub use crate::telemetry::LogFormat;
@@ -40,6 +39,16 @@ impl IptablesBackend {
             IptablesBackend::Plain => Backend::Plain,
         }
     }
+}
+
+/// Whose STS session a pod's credentials come from (docs/sts-economy.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SessionScope {
+    /// One session per pod: CloudTrail names the pod.
+    Pod,
+    /// One session per ServiceAccount on this node, shared by its pods here: CloudTrail names the
+    /// ServiceAccount and the node; STS calls stay flat in the number of pods.
+    ServiceAccount,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -91,9 +100,19 @@ pub struct Config {
     #[arg(long, env = "IRSA_IMDS_CREDENTIAL_DURATION", value_parser = parse_duration, default_value = DEFAULT_CREDENTIAL_DURATION)]
     pub credential_duration: Duration,
 
-    /// Refresh cached credentials once they have this little left (must exceed 30m, the least ever served).
+    /// Renew a cached set once it has this little left (less up to 3m of jitter): just before SDKs
+    /// come back for it (15m before expiry), never earlier than needed. At least 18m.
     #[arg(long = "refresh-at", env = "IRSA_IMDS_REFRESH_AT", value_parser = parse_duration, default_value = DEFAULT_REFRESH_AT)]
     pub refresh_at_remaining: Duration,
+
+    /// One STS session per pod, or per ServiceAccount on this node shared by its pods.
+    #[arg(
+        long,
+        env = "IRSA_IMDS_SESSION_SCOPE",
+        value_enum,
+        default_value = "pod"
+    )]
+    pub session_scope: SessionScope,
 
     /// How long a request from a not-yet-known pod waits for its registration or watch event.
     #[arg(long, env = "IRSA_IMDS_POD_WAIT", value_parser = parse_duration, default_value = "750ms")]
@@ -209,9 +228,9 @@ impl Config {
                 self.credential_duration.as_secs()
             ));
         }
-        if self.refresh_at_remaining <= MIN_SERVED_REMAINING {
+        if self.refresh_at_remaining < MIN_REFRESH_AT {
             return Err(
-                "--refresh-at must be more than 30m: served credentials keep at least 30 minutes"
+                "--refresh-at must be at least 18m: sets are renewed before SDKs come back for them, 15 minutes before expiry"
                     .into(),
             );
         }
@@ -339,11 +358,15 @@ mod tests {
     }
 
     #[test]
-    fn refresh_window_must_keep_thirty_minutes() {
+    fn refresh_point_must_come_before_sdks_come_back() {
         let mut a = base();
-        a.extend(["--refresh-at", "20m"]);
+        a.extend(["--refresh-at", "15m"]);
         let c = Config::try_parse_from(a).expect("parse");
         assert!(c.validate().unwrap_err().contains("--refresh-at"));
+        let c = Config::try_parse_from(base()).expect("parse");
+        assert_eq!(c.refresh_at_remaining, Duration::from_secs(20 * 60));
+        assert_eq!(c.session_scope, SessionScope::Pod);
+        assert!(c.validate().is_ok());
     }
 
     #[test]

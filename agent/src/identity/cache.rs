@@ -1,9 +1,15 @@
-//! The credential cache: keyed by (pod uid, role ARN), single-flight, refreshed ahead of expiry.
+//! The credential cache: keyed by (session owner, role ARN), single-flight, refreshed ahead of
+//! expiry. The owner is the pod (`--session-scope pod`) or its ServiceAccount on this node
+//! (`service-account`: one session shared by that account's pods here).
 //!
-//! - One slot per key (moka, idle slots dropped after one credential lifetime). A slot's fetch
-//!   lock makes N concurrent misses cost one TokenRequest and one STS call.
-//! - Served credentials keep at least [`MIN_SERVED_REMAINING`]; slots are refreshed in the
-//!   background once they have `refresh_at_remaining` left, with jittered backoff on failure.
+//! - One slot per key (moka), dropped with its pod; requests find it through a lock-free index.
+//!   A slot's fetch lock makes N concurrent misses cost one TokenRequest and one STS call.
+//! - Served credentials keep at least [`MIN_SERVED_REMAINING`]; a set is renewed in the
+//!   background once it has less than its refresh point left: `refresh_at_remaining` minus a
+//!   random part of [`REFRESH_SPREAD`], drawn per set so renewals do not align. Failures back off
+//!   with jitter. Why these numbers: docs/sts-economy.md.
+//! - Exchanges start at a bounded rate; a request waiting for its pod's first credentials goes
+//!   ahead of queued prefetches and background renewals, which never hold a slot while queued.
 //! - While STS is down, unexpired credentials are served down to [`EXPIRY_SKEW`]; never expired ones.
 //! - Refusals (AccessDenied, a bad trust policy) are remembered for `negative_ttl`, not hammered.
 //!
@@ -13,14 +19,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
+
 use super::freshness::{
-    EXPIRY_SKEW, MIN_SERVED_REMAINING, REFRESH_BACKOFF_BASE, REFRESH_BACKOFF_MAX,
-    SHORT_SESSION_GRACE,
+    EXPIRY_SKEW, MIN_SERVED_REMAINING, NEGATIVE_TTL, REFRESH_BACKOFF_BASE, REFRESH_BACKOFF_MAX,
+    REFRESH_SPREAD, SHORT_SESSION_GRACE,
 };
 use super::{
     AssumeRequest, Clock, Credentials, IdentityError, RoleExchange, RoleSpec, TokenMinter,
     outcome_label, session_name,
 };
+use crate::config::{Config, SessionScope};
 use crate::pods::PodInfo;
 use crate::telemetry::Metrics;
 
@@ -35,18 +44,40 @@ pub struct CacheSettings {
     pub max_concurrent: usize,
     pub rate_per_sec: u32,
     pub negative_ttl: Duration,
+    pub scope: SessionScope,
+    /// This node's name: part of the session name in `service-account` scope.
+    pub node: String,
+}
+
+impl CacheSettings {
+    pub fn from_config(cfg: &Config) -> Self {
+        CacheSettings {
+            duration: cfg.credential_duration,
+            refresh_at_remaining: cfg.refresh_at_remaining,
+            max_concurrent: cfg.max_concurrent_fetches,
+            rate_per_sec: cfg.fetch_rate,
+            negative_ttl: NEGATIVE_TTL,
+            scope: cfg.session_scope,
+            node: cfg.node_name.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    uid: String,
+    /// The pod's uid, or `namespace/serviceaccount`.
+    owner: String,
     role_arn: String,
 }
 
 struct Slot {
-    pod: Arc<PodInfo>,
+    /// The pods this session serves (one in `pod` scope); the newest one's token is exchanged.
+    members: ArcSwap<Vec<Arc<PodInfo>>>,
     role: Arc<RoleSpec>,
-    current: Mutex<Option<Credentials>>,
+    /// The current set's refresh point: renewed once less than this is left.
+    refresh_below: Mutex<Duration>,
+    /// Read by every request: swapped, never locked.
+    current: arc_swap::ArcSwapOption<Served>,
     /// A recent refusal, served until the instant given.
     refused: Mutex<Option<(IdentityError, SystemTime)>>,
     next_refresh_try: Mutex<Option<SystemTime>>,
@@ -55,9 +86,46 @@ struct Slot {
 }
 
 impl Slot {
-    fn current(&self) -> Option<Credentials> {
-        lock(&self.current).clone()
+    fn current(&self) -> Option<Arc<Served>> {
+        self.current.load_full()
     }
+    fn pod(&self) -> Option<Arc<PodInfo>> {
+        self.members.load().last().cloned()
+    }
+    fn refresh_below(&self) -> Duration {
+        *lock(&self.refresh_below)
+    }
+}
+
+/// A credential set as served: what STS issued, and the response body rendered from it once, on
+/// first use, then shared by every request that set answers.
+#[derive(Debug)]
+pub struct Served {
+    pub creds: Credentials,
+    body: std::sync::OnceLock<bytes::Bytes>,
+}
+
+impl Served {
+    pub fn new(creds: Credentials) -> Self {
+        Served {
+            creds,
+            body: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The body `render` makes of these credentials, rendered the first time only.
+    pub fn body(&self, render: impl FnOnce(&Credentials) -> bytes::Bytes) -> bytes::Bytes {
+        self.body.get_or_init(|| render(&self.creds)).clone()
+    }
+}
+
+/// Whether the background work or a waiting request asks for an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Priority {
+    /// A request is waiting for it.
+    Urgent,
+    /// Prefetch and renewal: nobody waits.
+    Background,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -71,8 +139,21 @@ fn remaining(c: &Credentials, now: SystemTime) -> Duration {
 /// Called when a role cannot be assumed (for Kubernetes Events).
 pub type FailureHook = Arc<dyn Fn(&PodInfo, &RoleSpec, &IdentityError) + Send + Sync>;
 
+/// Slots by owner, for requests: a read takes no lock and builds no key. Pod scope: pod uid, then
+/// `""`; service-account scope: namespace, then ServiceAccount. Kept equal to the cache's
+/// slots: filled when a slot is made, emptied when the cache drops one.
+type Index = std::collections::HashMap<String, std::collections::HashMap<String, Vec<Arc<Slot>>>>;
+
+fn index_key(scope: SessionScope, pod: &PodInfo) -> (&str, &str) {
+    match scope {
+        SessionScope::Pod => (&pod.uid, ""),
+        SessionScope::ServiceAccount => (&pod.namespace, &pod.service_account),
+    }
+}
+
 pub struct CredentialCache {
     slots: moka::future::Cache<Key, Arc<Slot>>,
+    index: Arc<ArcSwap<Index>>,
     minter: Arc<dyn TokenMinter>,
     sts: Arc<dyn RoleExchange>,
     clock: Arc<dyn Clock>,
@@ -90,14 +171,31 @@ impl CredentialCache {
         settings: CacheSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let index = Arc::new(ArcSwap::from_pointee(Index::new()));
+        let dropped = index.clone();
         let slots = moka::future::Cache::builder()
             .max_capacity(100_000)
-            .time_to_idle(settings.duration)
+            // No idle expiry: requests read slots through the index, unseen by the cache, and a
+            // slot goes with its pod (`evict_pod`, also on a relist).
             .support_invalidation_closures()
+            .eviction_listener(move |_key, slot: Arc<Slot>, _cause| {
+                dropped.rcu(|index| {
+                    let mut index = Index::clone(index);
+                    for sas in index.values_mut() {
+                        for slots in sas.values_mut() {
+                            slots.retain(|s| !Arc::ptr_eq(s, &slot));
+                        }
+                        sas.retain(|_, slots| !slots.is_empty());
+                    }
+                    index.retain(|_, sas| !sas.is_empty());
+                    index
+                });
+            })
             .build();
         let limiter = Limiter::new(settings.max_concurrent, settings.rate_per_sec);
         CredentialCache {
             slots,
+            index,
             minter,
             sts,
             clock,
@@ -119,25 +217,16 @@ impl CredentialCache {
         pod: &Arc<PodInfo>,
         role: &Arc<RoleSpec>,
     ) -> Result<Credentials, IdentityError> {
-        let key = Key {
-            uid: pod.uid.clone(),
-            role_arn: role.role_arn.clone(),
-        };
-        let slot = self
-            .slots
-            .get_with(key, async {
-                Arc::new(Slot {
-                    pod: pod.clone(),
-                    role: role.clone(),
-                    current: Mutex::new(None),
-                    refused: Mutex::new(None),
-                    next_refresh_try: Mutex::new(None),
-                    refresh_failures: AtomicU32::new(0),
-                    fetch: tokio::sync::Mutex::new(()),
-                })
-            })
-            .await;
+        self.get_served(pod, role).await.map(|s| s.creds.clone())
+    }
 
+    /// Like [`get`](Self::get), without copying: the set as shared by every request it answers.
+    pub async fn get_served(
+        self: &Arc<Self>,
+        pod: &Arc<PodInfo>,
+        role: &Arc<RoleSpec>,
+    ) -> Result<Arc<Served>, IdentityError> {
+        let slot = self.slot(pod, role).await;
         if let Some(c) = self.servable(&slot) {
             return Ok(c);
         }
@@ -152,32 +241,128 @@ impl CredentialCache {
         if let Some(c) = self.servable(&slot) {
             return Ok(c);
         }
-        match self.fetch(&slot).await {
+        let permit = self.limiter.acquire(Priority::Urgent).await;
+        match self.fetch(&slot, permit).await {
             Ok(c) => Ok(c),
             Err(e) => {
                 let now = self.clock.now();
                 match slot.current() {
                     // STS is down: what is still valid is better than nothing.
-                    Some(old) if remaining(&old, now) > EXPIRY_SKEW => Ok(old),
+                    Some(old) if remaining(&old.creds, now) > EXPIRY_SKEW => Ok(old),
                     _ => Err(e),
                 }
             }
         }
     }
 
+    /// Warms the cache for a pod that just appeared, behind any request that is waiting. The slot
+    /// is not held while queued, so the pod's own first request goes ahead of its prefetch.
+    pub async fn prefetch(self: &Arc<Self>, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) {
+        let slot = self.slot(pod, role).await;
+        if self.servable(&slot).is_some() {
+            return;
+        }
+        let permit = self.limiter.acquire(Priority::Background).await;
+        // A request holding the slot is fetching it now.
+        let Ok(_guard) = slot.fetch.try_lock() else {
+            return;
+        };
+        let now = self.clock.now();
+        let refused = lock(&slot.refused)
+            .as_ref()
+            .is_some_and(|(_, until)| now < *until);
+        if refused || self.servable(&slot).is_some() {
+            return;
+        }
+        let _ = self.fetch(&slot, permit).await;
+    }
+
+    /// The slot for `pod` and `role`, made on first use; records the pod as one it serves.
+    async fn slot(&self, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) -> Arc<Slot> {
+        let (a, b) = index_key(self.settings.scope, pod);
+        let indexed = self
+            .index
+            .load()
+            .get(a)
+            .and_then(|m| m.get(b))
+            .and_then(|slots| {
+                slots
+                    .iter()
+                    .find(|s| s.role.role_arn == role.role_arn)
+                    .cloned()
+            });
+        if let Some(slot) = indexed {
+            self.join(&slot, pod);
+            return slot;
+        }
+        let owner = match self.settings.scope {
+            SessionScope::Pod => pod.uid.clone(),
+            SessionScope::ServiceAccount => format!("{}/{}", pod.namespace, pod.service_account),
+        };
+        let key = Key {
+            owner,
+            role_arn: role.role_arn.clone(),
+        };
+        let slot = self
+            .slots
+            .get_with(key, async {
+                Arc::new(Slot {
+                    members: ArcSwap::from_pointee(vec![pod.clone()]),
+                    role: role.clone(),
+                    refresh_below: Mutex::new(self.settings.refresh_at_remaining),
+                    current: arc_swap::ArcSwapOption::empty(),
+                    refused: Mutex::new(None),
+                    next_refresh_try: Mutex::new(None),
+                    refresh_failures: AtomicU32::new(0),
+                    fetch: tokio::sync::Mutex::new(()),
+                })
+            })
+            .await;
+        self.index.rcu(|index| {
+            let mut index = Index::clone(index);
+            let (a, b) = index_key(self.settings.scope, pod);
+            let slots = index
+                .entry(a.to_string())
+                .or_default()
+                .entry(b.to_string())
+                .or_default();
+            if !slots.iter().any(|s| Arc::ptr_eq(s, &slot)) {
+                slots.push(slot.clone());
+            }
+            index
+        });
+        self.join(&slot, pod);
+        slot
+    }
+
+    /// In `service-account` scope, records `pod` as one the session serves (once).
+    fn join(&self, slot: &Slot, pod: &Arc<PodInfo>) {
+        if self.settings.scope == SessionScope::ServiceAccount
+            && !slot.members.load().iter().any(|m| m.uid == pod.uid)
+        {
+            slot.members.rcu(|members| {
+                let mut members = Vec::clone(members);
+                if !members.iter().any(|m| m.uid == pod.uid) {
+                    members.push(pod.clone());
+                }
+                members
+            });
+        }
+    }
+
     /// The slot's credentials if they may be served as they are; starts a background refresh
     /// when they are due for one.
-    fn servable(self: &Arc<Self>, slot: &Arc<Slot>) -> Option<Credentials> {
+    fn servable(self: &Arc<Self>, slot: &Arc<Slot>) -> Option<Arc<Served>> {
         let c = slot.current()?;
         let now = self.clock.now();
-        let left = remaining(&c, now);
+        let left = remaining(&c.creds, now);
         if left <= MIN_SERVED_REMAINING {
             let young = now
-                .duration_since(c.issued_at)
+                .duration_since(c.creds.issued_at)
                 .is_ok_and(|age| age < SHORT_SESSION_GRACE);
             return (young && left > EXPIRY_SKEW).then_some(c);
         }
-        if left <= self.settings.refresh_at_remaining {
+        if left <= slot.refresh_below() {
             let this = self.clone();
             let slot = slot.clone();
             tokio::spawn(async move { this.refresh_slot(&slot).await });
@@ -185,14 +370,31 @@ impl CredentialCache {
         Some(c)
     }
 
-    /// Mints, exchanges (with retries) and stores; the caller holds the slot's fetch lock.
-    async fn fetch(&self, slot: &Slot) -> Result<Credentials, IdentityError> {
-        let _permit = self.limiter.acquire().await;
-        let result = self.exchange(slot).await;
+    /// Mints, exchanges (with retries) and stores; the caller holds the slot's fetch lock and a
+    /// limiter permit.
+    async fn fetch(
+        &self,
+        slot: &Slot,
+        _permit: Option<tokio::sync::SemaphorePermit<'_>>,
+    ) -> Result<Arc<Served>, IdentityError> {
+        let Some(pod) = slot.pod() else {
+            return Err(IdentityError::PodGone {
+                namespace: String::new(),
+                name: String::new(),
+            });
+        };
+        let result = self
+            .exchange(slot, &pod)
+            .await
+            .map(|c| Arc::new(Served::new(c)));
         let now = self.clock.now();
         match &result {
             Ok(c) => {
-                *lock(&slot.current) = Some(c.clone());
+                *lock(&slot.refresh_below) = self
+                    .settings
+                    .refresh_at_remaining
+                    .saturating_sub(REFRESH_SPREAD.mul_f64(unit_random()));
+                slot.current.store(Some(c.clone()));
                 *lock(&slot.refused) = None;
                 *lock(&slot.next_refresh_try) = None;
                 slot.refresh_failures.store(0, Ordering::Relaxed);
@@ -202,22 +404,22 @@ impl CredentialCache {
                     *lock(&slot.refused) = Some((e.clone(), now + self.settings.negative_ttl));
                 }
                 tracing::warn!(
-                    pod = %slot.pod.name, namespace = %slot.pod.namespace, role = %slot.role.role_arn,
+                    pod = %pod.name, namespace = %pod.namespace, role = %slot.role.role_arn,
                     error = %e, "cannot obtain credentials"
                 );
                 if let Some(hook) = &self.on_failure {
-                    hook(&slot.pod, &slot.role, e);
+                    hook(&pod, &slot.role, e);
                 }
             }
         }
         result
     }
 
-    async fn exchange(&self, slot: &Slot) -> Result<Credentials, IdentityError> {
+    async fn exchange(&self, slot: &Slot, pod: &PodInfo) -> Result<Credentials, IdentityError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let r = self.exchange_once(slot).await;
+            let r = self.exchange_once(slot, pod).await;
             match r {
                 Err(e) if e.retryable() && attempt < MAX_ATTEMPTS => {
                     tokio::time::sleep(jittered(RETRY_BASE * 2u32.pow(attempt - 1))).await;
@@ -227,8 +429,20 @@ impl CredentialCache {
         }
     }
 
-    async fn exchange_once(&self, slot: &Slot) -> Result<Credentials, IdentityError> {
-        let (pod, role) = (&slot.pod, &slot.role);
+    async fn exchange_once(
+        &self,
+        slot: &Slot,
+        pod: &PodInfo,
+    ) -> Result<Credentials, IdentityError> {
+        let role = &slot.role;
+        let session_name = match self.settings.scope {
+            SessionScope::Pod => session_name(&pod.namespace, &pod.name),
+            // CloudTrail names the workload and the node.
+            SessionScope::ServiceAccount => session_name(
+                &pod.namespace,
+                &format!("{}@{}", pod.service_account, self.settings.node),
+            ),
+        };
         let token = self
             .minter
             .mint(pod, &role.audience, role.token_expiration_secs)
@@ -236,7 +450,7 @@ impl CredentialCache {
         self.metrics.count_token_request(outcome_label(&token));
         let req = AssumeRequest {
             role_arn: role.role_arn.clone(),
-            session_name: session_name(&pod.namespace, &pod.name),
+            session_name,
             web_identity_token: token?,
             duration_secs: i32::try_from(self.settings.duration.as_secs()).unwrap_or(3600),
             regional: role.regional_sts,
@@ -247,23 +461,28 @@ impl CredentialCache {
     }
 
     async fn refresh_slot(&self, slot: &Slot) {
-        let now = self.clock.now();
-        if lock(&slot.next_refresh_try).is_some_and(|t| now < t) {
+        let not_due = |now: SystemTime| {
+            lock(&slot.next_refresh_try).is_some_and(|t| now < t)
+                || slot.current().is_some_and(|c| {
+                    remaining(&c.creds, now) > slot.refresh_below()
+                        || now
+                            .duration_since(c.creds.issued_at)
+                            .is_ok_and(|age| age < SHORT_SESSION_GRACE)
+                })
+        };
+        if not_due(self.clock.now()) || slot.fetch.try_lock().is_err() {
             return;
         }
-        // Someone is fetching this slot already.
+        // Queued without holding the slot, so a request for it is not held up by this renewal.
+        let permit = self.limiter.acquire(Priority::Background).await;
+        // Someone is fetching this slot already, or did while this one queued.
         let Ok(_guard) = slot.fetch.try_lock() else {
             return;
         };
-        if slot.current().is_some_and(|c| {
-            remaining(&c, now) > self.settings.refresh_at_remaining
-                || now
-                    .duration_since(c.issued_at)
-                    .is_ok_and(|age| age < SHORT_SESSION_GRACE)
-        }) {
+        if not_due(self.clock.now()) {
             return;
         }
-        if self.fetch(slot).await.is_err() {
+        if self.fetch(slot, permit).await.is_err() {
             let n = slot.refresh_failures.fetch_add(1, Ordering::Relaxed);
             let backoff =
                 (REFRESH_BACKOFF_BASE * 2u32.saturating_pow(n.min(10))).min(REFRESH_BACKOFF_MAX);
@@ -283,7 +502,7 @@ impl CredentialCache {
             .map(|(_, s)| s)
             .filter(|s| {
                 s.current()
-                    .is_some_and(|c| remaining(&c, now) <= self.settings.refresh_at_remaining)
+                    .is_some_and(|c| remaining(&c.creds, now) <= s.refresh_below())
             })
             .collect();
         let n = due.len();
@@ -307,10 +526,34 @@ impl CredentialCache {
         }
     }
 
-    /// Drops every credential of a pod at once (it was deleted or terminated).
+    /// A pod went (deleted or terminated): its own sessions go at once; a session it shared
+    /// with other pods of its ServiceAccount stays theirs, and goes with the last of them.
     pub fn evict_pod(&self, uid: &str) {
-        let uid = uid.to_string();
-        if let Err(e) = self.slots.invalidate_entries_if(move |k, _| k.uid == uid) {
+        for (_, slot) in self.slots.iter() {
+            if slot.members.load().iter().any(|m| m.uid == uid) {
+                slot.members.rcu(|members| {
+                    let mut members = Vec::clone(members);
+                    members.retain(|m| m.uid != uid);
+                    members
+                });
+            }
+        }
+        // Gone from the index at once; the cache's own removal follows.
+        self.index.rcu(|index| {
+            let mut index = Index::clone(index);
+            for sas in index.values_mut() {
+                for slots in sas.values_mut() {
+                    slots.retain(|s| !s.members.load().is_empty());
+                }
+                sas.retain(|_, slots| !slots.is_empty());
+            }
+            index.retain(|_, sas| !sas.is_empty());
+            index
+        });
+        if let Err(e) = self
+            .slots
+            .invalidate_entries_if(|_, s| s.members.load().is_empty())
+        {
             tracing::error!(error = %e, "cannot evict pod credentials");
         }
     }
@@ -329,28 +572,59 @@ impl CredentialCache {
     pub fn has_pod(&self, uid: &str) -> bool {
         self.slots
             .iter()
-            .any(|(k, s)| k.uid == uid && s.current().is_some())
+            .any(|(_, s)| s.members.load().iter().any(|m| m.uid == uid) && s.current().is_some())
     }
 }
 
 /// A jitter of ±50% keeps a crowd of refreshes from retrying in step.
 fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.5 + unit_random())
+}
+
+/// Uniform in [0, 1].
+fn unit_random() -> f64 {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 2];
     let r = ring::rand::SystemRandom::new()
         .fill(&mut b)
         .map(|_| u16::from_le_bytes(b))
         .unwrap_or(32768);
-    d.mul_f64(0.5 + f64::from(r) / f64::from(u16::MAX))
+    f64::from(r) / f64::from(u16::MAX)
 }
 
-/// Bounds exchanges in flight and their start rate (a GCRA bucket allowing one second's worth
-/// as a burst), so hundreds of pods starting at once do not flood STS or the API server.
+/// Bounds exchanges in flight and their start rate (evenly spaced starts, no burst: STS never
+/// sees more than the configured rate in any second), so hundreds of pods starting at once do
+/// not flood STS or the API server. Urgent
+/// callers (a request is waiting) take the next start before any background one; within a
+/// priority, first come first served. A start is taken before the in-flight permit, so nobody
+/// holds a permit while queued for a start.
 struct Limiter {
     sem: tokio::sync::Semaphore,
     interval: Duration,
     burst: Duration,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
+    state: Mutex<Gcra>,
+    urgent: tokio::sync::Mutex<()>,
+    background: tokio::sync::Mutex<()>,
+}
+
+struct Gcra {
+    next: tokio::time::Instant,
+    /// Urgent callers not yet started: background ones wait while there are any.
+    urgent_waiting: usize,
+}
+
+/// Counts an urgent caller as waiting until it starts or gives up (its request went away).
+struct UrgentWaiting<'a> {
+    state: &'a Mutex<Gcra>,
+    done: bool,
+}
+
+impl Drop for UrgentWaiting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(self.state).urgent_waiting -= 1;
+        }
+    }
 }
 
 impl Limiter {
@@ -358,23 +632,64 @@ impl Limiter {
         Limiter {
             sem: tokio::sync::Semaphore::new(max_concurrent.max(1)),
             interval: Duration::from_secs(1) / rate_per_sec.max(1),
-            burst: Duration::from_secs(1),
-            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+            burst: Duration::ZERO,
+            state: Mutex::new(Gcra {
+                next: tokio::time::Instant::now(),
+                urgent_waiting: 0,
+            }),
+            urgent: tokio::sync::Mutex::new(()),
+            background: tokio::sync::Mutex::new(()),
         }
     }
 
-    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        let permit = self.sem.acquire().await.ok();
-        let at = {
-            let mut next = self.next.lock().await;
-            let now = tokio::time::Instant::now();
-            let floor = now.checked_sub(self.burst).unwrap_or(now);
-            let at = (*next).max(floor);
-            *next = at + self.interval;
-            at
-        };
-        tokio::time::sleep_until(at).await;
-        permit
+    async fn acquire(&self, priority: Priority) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        match priority {
+            Priority::Urgent => {
+                lock(&self.state).urgent_waiting += 1;
+                let mut waiting = UrgentWaiting {
+                    state: &self.state,
+                    done: false,
+                };
+                let _turn = self.urgent.lock().await;
+                self.start(&mut waiting).await;
+            }
+            Priority::Background => {
+                let _turn = self.background.lock().await;
+                loop {
+                    let at = {
+                        let mut st = lock(&self.state);
+                        let now = tokio::time::Instant::now();
+                        let at = st.next.max(now.checked_sub(self.burst).unwrap_or(now));
+                        if at <= now && st.urgent_waiting == 0 {
+                            st.next = at + self.interval;
+                            break;
+                        }
+                        // Behind an urgent caller: look again one start later.
+                        at.max(now + self.interval)
+                    };
+                    tokio::time::sleep_until(at).await;
+                }
+            }
+        }
+        self.sem.acquire().await.ok()
+    }
+
+    async fn start(&self, waiting: &mut UrgentWaiting<'_>) {
+        loop {
+            let at = {
+                let mut st = lock(&self.state);
+                let now = tokio::time::Instant::now();
+                let at = st.next.max(now.checked_sub(self.burst).unwrap_or(now));
+                if at <= now {
+                    st.next = at + self.interval;
+                    st.urgent_waiting -= 1;
+                    waiting.done = true;
+                    return;
+                }
+                at
+            };
+            tokio::time::sleep_until(at).await;
+        }
     }
 }
 
@@ -424,6 +739,7 @@ mod tests {
         failures: Mutex<Vec<IdentityError>>,
         down: std::sync::atomic::AtomicBool,
         sessions: Mutex<Vec<String>>,
+        tokens: Mutex<Vec<String>>,
         lifetime: Mutex<Duration>,
     }
     impl RoleExchange for FakeSts {
@@ -433,6 +749,7 @@ mod tests {
         ) -> BoxFuture<'a, Result<Credentials, IdentityError>> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             lock(&self.sessions).push(req.session_name.clone());
+            lock(&self.tokens).push(req.web_identity_token.expose().to_string());
             let fail = lock(&self.failures).pop();
             let down = self.down.load(Ordering::SeqCst);
             let now = self.clock.now();
@@ -468,6 +785,10 @@ mod tests {
     }
 
     fn bed() -> Bed {
+        bed_with(SessionScope::Pod, 1000)
+    }
+
+    fn bed_with(scope: SessionScope, rate_per_sec: u32) -> Bed {
         let clock = Arc::new(FakeClock(Mutex::new(
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
         )));
@@ -478,14 +799,17 @@ mod tests {
             failures: Mutex::new(vec![]),
             down: false.into(),
             sessions: Mutex::new(vec![]),
+            tokens: Mutex::new(vec![]),
             lifetime: Mutex::new(Duration::from_secs(3600)),
         });
         let settings = CacheSettings {
             duration: Duration::from_secs(3600),
             refresh_at_remaining: Duration::from_secs(45 * 60),
             max_concurrent: 16,
-            rate_per_sec: 1000,
+            rate_per_sec,
             negative_ttl: Duration::from_secs(30),
+            scope,
+            node: "n1".into(),
         };
         let cache = Arc::new(CredentialCache::new(
             minter.clone(),
@@ -547,8 +871,9 @@ mod tests {
         // 14 minutes in: 46 left, not yet due.
         b.clock.advance(Duration::from_secs(14 * 60));
         assert_eq!(b.cache.refresh_due().await, 0);
-        // 16 minutes in: 44 left, due; the background refresher replaces them.
-        b.clock.advance(Duration::from_secs(2 * 60));
+        // 18 minutes in: 42 left, past the refresh point (45 minutes less up to 3 of spread); the
+        // background refresher replaces them.
+        b.clock.advance(Duration::from_secs(4 * 60));
         assert_eq!(b.cache.refresh_due().await, 1);
         assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
         let second = b.cache.get(&b.pod, &b.role).await.unwrap();
@@ -639,11 +964,11 @@ mod tests {
         let l = Limiter::new(100, 10);
         let t0 = tokio::time::Instant::now();
         for _ in 0..30 {
-            drop(l.acquire().await);
+            drop(l.acquire(Priority::Background).await);
         }
-        // 10 in the burst, then 10 per second.
+        // 10 per second, evenly.
         assert!(
-            t0.elapsed() >= Duration::from_millis(1900),
+            t0.elapsed() >= Duration::from_millis(2900),
             "{:?}",
             t0.elapsed()
         );
@@ -670,5 +995,115 @@ mod tests {
             "refetched once the grace passed"
         );
         assert!(remaining(&c, b.clock.now()) > Duration::from_secs(19 * 60));
+    }
+
+    fn other_pod(b: &Bed, i: usize) -> Arc<PodInfo> {
+        Arc::new(PodInfo {
+            uid: format!("uid-x{i}"),
+            name: format!("api-x{i}"),
+            ..(*b.pod).clone()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_urgent_exchange_goes_ahead_of_queued_background_ones() {
+        let l = Arc::new(Limiter::new(100, 10));
+        let t0 = tokio::time::Instant::now();
+        let queued: Vec<_> = (0..50)
+            .map(|_| {
+                let l = l.clone();
+                tokio::spawn(async move {
+                    drop(l.acquire(Priority::Background).await);
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(l.acquire(Priority::Urgent).await);
+        // One start every 100 ms: the urgent caller takes the next one, not the 51st.
+        assert!(
+            t0.elapsed() <= Duration::from_millis(150),
+            "{:?}",
+            t0.elapsed()
+        );
+        let mut last = Duration::ZERO;
+        for q in queued {
+            last = last.max(q.await.unwrap());
+        }
+        // ...and STS still sees the configured rate: 51 starts take 5 s.
+        assert!(last >= Duration::from_millis(4900), "{last:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_goes_ahead_of_queued_prefetches() {
+        let b = bed_with(SessionScope::Pod, 10);
+        let pods: Vec<_> = (0..40).map(|i| other_pod(&b, i)).collect();
+        let t0 = tokio::time::Instant::now();
+        let prefetches: Vec<_> = pods
+            .iter()
+            .map(|p| {
+                let (c, p, r) = (b.cache.clone(), p.clone(), b.role.clone());
+                tokio::spawn(async move { c.prefetch(&p, &r).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The last pod in the queue asks: it does not wait four seconds for its turn.
+        let c = b.cache.get(&pods[39], &b.role).await.unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t0.elapsed()
+        );
+        futures::future::join_all(prefetches).await;
+        // Its queued prefetch found the slot filled and cost nothing more.
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 40);
+        assert_eq!(
+            b.cache.get(&pods[39], &b.role).await.unwrap().access_key_id,
+            c.access_key_id
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn service_account_scope_shares_one_session_until_its_last_pod_goes() {
+        let b = bed_with(SessionScope::ServiceAccount, 1000);
+        let second = other_pod(&b, 2);
+        let a = b.cache.get(&b.pod, &b.role).await.unwrap();
+        let c = b.cache.get(&second, &b.role).await.unwrap();
+        assert_eq!(
+            a.access_key_id, c.access_key_id,
+            "one session for both pods"
+        );
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(lock(&b.sts.sessions)[0], "team.sa@n1");
+        b.cache.evict_pod(&b.pod.uid);
+        assert!(
+            b.cache.has_pod(&second.uid),
+            "the other pod keeps the session"
+        );
+        assert_eq!(
+            b.cache.get(&second, &b.role).await.unwrap().access_key_id,
+            a.access_key_id
+        );
+        b.cache.evict_pod(&second.uid);
+        assert!(b.cache.is_empty().await, "gone with the last pod");
+        b.cache.get(&second, &b.role).await.unwrap();
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn service_account_scope_renews_with_a_pod_still_there() {
+        let b = bed_with(SessionScope::ServiceAccount, 1000);
+        let second = other_pod(&b, 2);
+        b.cache.get(&b.pod, &b.role).await.unwrap();
+        b.cache.get(&second, &b.role).await.unwrap();
+        b.cache.evict_pod(&second.uid);
+        b.clock.advance(Duration::from_secs(20 * 60));
+        assert_eq!(b.cache.refresh_due().await, 1);
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            lock(&b.sts.tokens)[1],
+            "jwt-for-uid-1",
+            "a token of the pod still there was exchanged"
+        );
     }
 }

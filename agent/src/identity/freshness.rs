@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 /// Served credentials keep at least this long before `Expiration` while STS answers: SDKs refresh
-/// 5–15 minutes before expiry and some refetch on every call inside that window.
+/// 5–15 minutes before expiry and some refetch on every call inside that window; botocore takes a
+/// set with less than 15 + 2..10 minutes left for an IMDS outage (docs/sts-economy.md).
 pub const MIN_SERVED_REMAINING: Duration = Duration::from_secs(30 * 60);
 
 /// Session length asked of STS unless the operator says otherwise (`--credential-duration`).
@@ -13,9 +14,20 @@ pub const DEFAULT_CREDENTIAL_DURATION: &str = "1h";
 pub const CREDENTIAL_DURATION_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(15 * 60)..=Duration::from_secs(12 * 3600);
 
-/// The refresh point (`--refresh-at`): a cached set is refreshed in the background once it has
-/// this little left, about half-life of the default hour, well before the 30 minutes run out.
-pub const DEFAULT_REFRESH_AT: &str = "45m";
+/// The refresh point (`--refresh-at`): a cached set is renewed in the background once it has
+/// this little left (less [`REFRESH_SPREAD`]): just before the SDKs holding it come back, 15
+/// minutes before expiry, and no earlier, so an hour's session costs one STS call per 40-43
+/// minutes (docs/sts-economy.md). A request finding less than [`MIN_SERVED_REMAINING`] left
+/// before that gets a freshly fetched set.
+pub const DEFAULT_REFRESH_AT: &str = "20m";
+
+/// The earliest any SDK the agent serves comes back for a set it holds (botocore and Java v1:
+/// 15 minutes before `Expiration`), plus [`REFRESH_SPREAD`]: `--refresh-at` may not be lower.
+pub const MIN_REFRESH_AT: Duration = Duration::from_secs(18 * 60);
+
+/// A set's refresh point is `--refresh-at` minus a uniform draw from this, so the sets of a node,
+/// and the nodes of a fleet started together, renew at different moments.
+pub const REFRESH_SPREAD: Duration = Duration::from_secs(3 * 60);
 
 /// How often the background refresher looks for credentials past their refresh point.
 pub const REFRESH_SCAN: Duration = Duration::from_secs(30);

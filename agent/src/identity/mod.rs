@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 
 use crate::pods::PodInfo;
 
-pub use cache::{CacheSettings, CredentialCache};
+pub use cache::{CacheSettings, CredentialCache, Served};
 pub use roles::{RoleResolver, RoleSpec};
 
 /// A string that never shows itself in `Debug` or `Display`.

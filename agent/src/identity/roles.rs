@@ -3,8 +3,11 @@
 //! Only the ServiceAccounts of this node's pods are read, each by a direct GET and cached for
 //! `ttl` (the documented bound on how late a role change is seen): O(pods on the node) API load.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use super::{IdentityError, ServiceAccounts};
 
@@ -59,11 +62,18 @@ pub fn validate_role_arn(arn: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Roles read from the API, by namespace then ServiceAccount, with when they were read.
+type Recent = HashMap<String, HashMap<String, (Option<Arc<RoleSpec>>, Instant)>>;
+
 pub struct RoleResolver {
     accounts: Arc<dyn ServiceAccounts>,
     annotation: String,
     default_audience: String,
+    ttl: Duration,
     cache: moka::future::Cache<(String, String), Option<Arc<RoleSpec>>>,
+    /// What the last reads found, for requests: looked up by `&str` without a lock or an
+    /// allocation; an entry is used for `ttl` after its read, like the cache's.
+    recent: ArcSwap<Recent>,
 }
 
 impl RoleResolver {
@@ -81,7 +91,9 @@ impl RoleResolver {
             accounts,
             annotation,
             default_audience,
+            ttl,
             cache,
+            recent: ArcSwap::from_pointee(Recent::new()),
         }
     }
 
@@ -92,16 +104,34 @@ impl RoleResolver {
         namespace: &str,
         service_account: &str,
     ) -> Result<Option<Arc<RoleSpec>>, IdentityError> {
+        if let Some((role, read)) = self
+            .recent
+            .load()
+            .get(namespace)
+            .and_then(|m| m.get(service_account))
+            && read.elapsed() < self.ttl
+        {
+            return Ok(role.clone());
+        }
         let key = (namespace.to_string(), service_account.to_string());
         self.cache
             .try_get_with(key, async {
+                let read = Instant::now();
                 let ann = self
                     .accounts
                     .annotations(namespace, service_account)
                     .await?;
-                Ok(ann
+                let role = ann
                     .and_then(|a| self.spec_from(namespace, service_account, &a))
-                    .map(Arc::new))
+                    .map(Arc::new);
+                self.recent.rcu(|m| {
+                    let mut m = Recent::clone(m);
+                    m.entry(namespace.to_string())
+                        .or_default()
+                        .insert(service_account.to_string(), (role.clone(), read));
+                    m
+                });
+                Ok(role)
             })
             .await
             .map_err(|e: Arc<IdentityError>| (*e).clone())
@@ -144,6 +174,13 @@ impl RoleResolver {
 
     /// Forgets a ServiceAccount so its next read goes to the API.
     pub async fn forget(&self, namespace: &str, service_account: &str) {
+        self.recent.rcu(|m| {
+            let mut m = Recent::clone(m);
+            if let Some(sas) = m.get_mut(namespace) {
+                sas.remove(service_account);
+            }
+            m
+        });
         self.cache
             .invalidate(&(namespace.to_string(), service_account.to_string()))
             .await;

@@ -16,7 +16,7 @@ use tracing::field::Empty;
 use super::{
     Policy, Reply, Route, TTL_HEADER, TokenAuthority, UpstreamPath, route, session_token, wire,
 };
-use crate::identity::{Clock, Credentials, IdentityError, RoleSpec};
+use crate::identity::{Clock, IdentityError, RoleSpec, Served};
 use crate::pods::{Lookup, PodInfo};
 
 /// Who is calling: the pod at a source address. May wait, bounded, for a pod not known yet.
@@ -38,7 +38,7 @@ pub trait CredentialSource: Send + Sync {
         &'a self,
         pod: &'a Arc<PodInfo>,
         role: &'a Arc<RoleSpec>,
-    ) -> BoxFuture<'a, Result<Credentials, IdentityError>>;
+    ) -> BoxFuture<'a, Result<Arc<Served>, IdentityError>>;
 }
 
 /// What the protocol reads of a request: no body (metadata requests have none).
@@ -228,9 +228,10 @@ impl Protocol {
                     return Answer::Reply(Reply::ok(Bytes::new()));
                 }
                 let got = s.credentials.credentials(&pod, &role).await;
-                if let Ok(c) = &got
-                    && self.first_serve(&pod, &c.access_key_id)
+                if let Ok(served) = &got
+                    && self.first_serve(&pod, &served.creds.access_key_id)
                 {
+                    let c = &served.creds;
                     tracing::info!(
                         target: "audit",
                         role = %role.role_arn, source_ip = %ip, access_key_id = %c.access_key_id,
@@ -246,15 +247,18 @@ impl Protocol {
 
 /// The credentials reply; the audit line (once per credential set and pod) is written by the
 /// caller, and every serve is counted in `irsa_imds_requests_total{route="credentials"}`.
-fn credentials_reply(got: Result<Credentials, IdentityError>, now: std::time::SystemTime) -> Reply {
+fn credentials_reply(got: Result<Arc<Served>, IdentityError>, now: std::time::SystemTime) -> Reply {
     match got {
-        Ok(c) => Reply::ok(wire::credentials(
-            &c.access_key_id,
-            c.secret_access_key.expose(),
-            c.session_token.expose(),
-            c.expiration,
-            c.issued_at,
-        )),
+        // Rendered once per credential set, then shared by every request it answers.
+        Ok(served) => Reply::ok(served.body(|c| {
+            Bytes::from(wire::credentials(
+                &c.access_key_id,
+                c.secret_access_key.expose(),
+                c.session_token.expose(),
+                c.expiration,
+                c.issued_at,
+            ))
+        })),
         // The pod went away while we asked: it has no credentials any more.
         Err(IdentityError::PodGone { .. }) => Reply::not_found(),
         // What EC2 answers for a role it cannot assume: SDKs report it instead of retrying.

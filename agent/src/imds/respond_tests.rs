@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
-use crate::identity::Secret;
+use crate::identity::{Credentials, Secret};
 use crate::imds::{DEFAULT_UPSTREAM_ALLOW, TOKEN_HEADER};
 
 const ROLE_A: &str = "arn:aws:iam::123456789012:role/team-a/reader";
@@ -50,10 +50,13 @@ impl CredentialSource for FakeCreds {
         &'a self,
         _pod: &'a Arc<PodInfo>,
         role: &'a Arc<RoleSpec>,
-    ) -> BoxFuture<'a, Result<Credentials, IdentityError>> {
+    ) -> BoxFuture<'a, Result<Arc<Served>, IdentityError>> {
         self.asked.fetch_add(1, Ordering::SeqCst);
         let r = self.answers.lock().unwrap().get(&role.role_arn).cloned();
-        Box::pin(async move { r.expect("no credentials scripted for this role") })
+        Box::pin(async move {
+            r.expect("no credentials scripted for this role")
+                .map(|c| Arc::new(Served::new(c)))
+        })
     }
 }
 

@@ -17,8 +17,11 @@ pub mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -350,10 +353,22 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The node's pods by IP. Cheap to share (`Arc`); every method takes a short lock.
+/// Every decisive answer of one version of the index, for lookups that take no lock.
+#[derive(Default)]
+struct Snapshot {
+    generation: u64,
+    by_ip: HashMap<IpAddr, Lookup>,
+}
+
+/// The node's pods by IP. Cheap to share (`Arc`). Changes take a short lock; requests read an
+/// immutable snapshot of the answers, rebuilt after a change by the first request that needs it,
+/// so requests from different pods never wait for one another.
 pub struct PodIndex {
     state: Mutex<State>,
     changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped after every change; a snapshot of an older generation is not used.
+    generation: AtomicU64,
+    snapshot: ArcSwap<Snapshot>,
     store: OnceLock<state::StateStore>,
 }
 
@@ -369,6 +384,8 @@ impl PodIndex {
             state: Mutex::new(State::default()),
             changed: tokio::sync::watch::channel(0).0,
             store: OnceLock::new(),
+            generation: AtomicU64::new(1),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
         }
     }
 
@@ -379,7 +396,40 @@ impl PodIndex {
     }
 
     fn notify(&self) {
+        // After the change, so a snapshot built from the state before it is never current.
+        self.generation.fetch_add(1, Ordering::AcqRel);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// The decisive answer for `ip` from a current snapshot, without a lock.
+    fn snapshot_lookup(&self, ip: IpAddr) -> Option<Lookup> {
+        let snap = self.snapshot.load();
+        if snap.generation != self.generation.load(Ordering::Acquire) {
+            return None;
+        }
+        snap.by_ip.get(&ip).cloned()
+    }
+
+    /// Rebuilds the snapshot if a change made it stale. The generation is read before the state,
+    /// so a change racing with the rebuild leaves the result stale rather than wrong.
+    fn refresh_snapshot(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.snapshot.load().generation == generation {
+            return;
+        }
+        let by_ip = {
+            let st = self.lock();
+            st.by_ip
+                .keys()
+                .chain(st.reg_by_ip.keys())
+                .filter_map(|ip| {
+                    let l = st.lookup(*ip);
+                    l.decisive().then_some((*ip, l))
+                })
+                .collect()
+        };
+        self.snapshot
+            .store(Arc::new(Snapshot { generation, by_ip }));
     }
 
     /// Adds or updates a pod from the watch.
@@ -686,6 +736,10 @@ impl PodIndex {
     /// Like [`lookup`](Self::lookup), but waits up to `wait` for an unknown or pending IP to be
     /// resolved by a registration or a watch event.
     pub async fn resolve(&self, ip: IpAddr, wait: Duration) -> Lookup {
+        if let Some(found) = self.snapshot_lookup(ip) {
+            return found;
+        }
+        self.refresh_snapshot();
         let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.changed.subscribe();
         loop {
@@ -1001,5 +1055,44 @@ mod tests {
             Lookup::Unknown
         );
         assert_eq!(t0.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn requests_see_every_change_at_once() {
+        let idx = PodIndex::new();
+        let wait = Duration::ZERO;
+        let at = |l: Lookup| match l {
+            Lookup::Found(p) => Some(p.uid.clone()),
+            _ => None,
+        };
+        idx.upsert(pod("u1", "a", "sa", &["10.0.0.1"]));
+        assert_eq!(
+            at(idx.resolve(ip("10.0.0.1"), wait).await),
+            Some("u1".into())
+        );
+        // Served from the snapshot now; each change below must still be seen by the next request.
+        assert_eq!(
+            at(idx.resolve(ip("10.0.0.1"), wait).await),
+            Some("u1".into())
+        );
+        idx.register(reg("c1", "a", &["10.0.0.1"]));
+        idx.unregister("c1");
+        assert_eq!(
+            at(idx.resolve(ip("10.0.0.1"), wait).await),
+            None,
+            "DEL revokes"
+        );
+        idx.remove("u1");
+        idx.upsert(pod("u2", "b", "sa", &["10.0.0.1"]));
+        assert_eq!(
+            at(idx.resolve(ip("10.0.0.1"), wait).await),
+            Some("u2".into())
+        );
+        idx.upsert(pod("u3", "c", "sa", &["10.0.0.1"]));
+        assert_eq!(
+            idx.resolve(ip("10.0.0.1"), wait).await,
+            Lookup::Ambiguous,
+            "two live pods on one IP"
+        );
     }
 }

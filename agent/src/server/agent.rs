@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use super::{Deps, RunError};
 use crate::config::{Config, ImdsV2};
-use crate::identity::freshness::NEGATIVE_TTL;
 use crate::identity::{CacheSettings, Clock, CredentialCache, RoleResolver};
 use crate::imds::{Policy, Protocol, TokenAuthority};
 use crate::pods::confirm::{PodSource, confirm};
@@ -32,13 +31,7 @@ pub(super) struct Agent {
 
 impl Agent {
     pub(super) fn assemble(cfg: &Config, deps: &Deps) -> Result<Agent, RunError> {
-        let settings = CacheSettings {
-            duration: cfg.credential_duration,
-            refresh_at_remaining: cfg.refresh_at_remaining,
-            max_concurrent: cfg.max_concurrent_fetches,
-            rate_per_sec: cfg.fetch_rate,
-            negative_ttl: NEGATIVE_TTL,
-        };
+        let settings = CacheSettings::from_config(cfg);
         let mut creds = CredentialCache::new(
             deps.tokens.clone(),
             deps.sts.clone(),
@@ -89,9 +82,7 @@ impl Agent {
             .resolve(&pod.namespace, &pod.service_account)
             .await
         {
-            Ok(Some(role)) => {
-                let _ = self.creds.get(&pod, &role).await;
-            }
+            Ok(Some(role)) => self.creds.prefetch(&pod, &role).await,
             Ok(None) => {}
             Err(e) => {
                 tracing::debug!(pod = %pod.name, error = %e, "prefetch: cannot read service account")

@@ -124,15 +124,21 @@ impl Agent {
 
 /// EC2 sends `text/plain` for everything, JSON bodies included, from a server named `EC2ws`.
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {
-    let mut b = Response::builder()
-        .status(reply.status)
-        .header("content-type", "text/plain")
-        .header("server", "EC2ws");
+    use http::header::{CONTENT_TYPE, SERVER};
+    use http::{HeaderName, HeaderValue};
+    let mut r = Response::new(Full::new(reply.body));
+    *r.status_mut() = reply.status;
+    let h = r.headers_mut();
+    // Static values: nothing parsed or allocated per request.
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    h.insert(SERVER, HeaderValue::from_static("EC2ws"));
+    // The names are the protocol's lowercase constants (`TTL_HEADER`), valid for `from_static`.
     for (k, v) in reply.headers {
-        b = b.header(k, v);
+        if let Ok(v) = HeaderValue::try_from(v) {
+            h.append(HeaderName::from_static(k), v);
+        }
     }
-    b.body(Full::new(reply.body))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+    r
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::agent::Agent;
-use crate::identity::{Credentials, IdentityError, RoleSpec};
+use crate::identity::{IdentityError, RoleSpec, Served};
 use crate::imds::{Callers, CredentialSource, Roles, Seams};
 use crate::pods::{Lookup, PodInfo};
 
@@ -46,7 +46,7 @@ impl CredentialSource for Agent {
         &'a self,
         pod: &'a Arc<PodInfo>,
         role: &'a Arc<RoleSpec>,
-    ) -> BoxFuture<'a, Result<Credentials, IdentityError>> {
-        Box::pin(self.creds.get(pod, role))
+    ) -> BoxFuture<'a, Result<Arc<Served>, IdentityError>> {
+        Box::pin(self.creds.get_served(pod, role))
     }
 }

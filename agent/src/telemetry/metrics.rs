@@ -4,22 +4,134 @@
 //! the callers take from their `metric_label()` methods, never from `Debug`: nothing secret is
 //! ever a label, and this module needs none of the callers' types.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Fixed-size label sets for the families every request touches: no allocation to look one up.
+type Label1 = [(&'static str, &'static str); 1];
+type Label2 = [(&'static str, &'static str); 2];
+
+/// The label values requests use, so their series are resolved once and then updated without
+/// a lookup or a lock (`Hot`).
+const ROUTES: [&str; 7] = [
+    "rejected",
+    "token",
+    "role_list",
+    "credentials",
+    "info",
+    "iam_index",
+    "upstream",
+];
+const CODES: [&str; 9] = [
+    "200", "400", "401", "403", "404", "405", "414", "5xx", "other",
+];
+const LOOKUPS: [&str; 5] = ["found", "unknown", "pending", "ambiguous", "host_network"];
+
+/// Handles to the series requests update, each taken from its family on first use.
+struct Hot {
+    requests: [[OnceLock<Counter>; CODES.len()]; ROUTES.len()],
+    seconds: [OnceLock<LatencyHistogram>; ROUTES.len()],
+    lookups: [OnceLock<Counter>; LOOKUPS.len()],
+}
+
+impl Hot {
+    fn new() -> Self {
+        Hot {
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
+            seconds: std::array::from_fn(|_| OnceLock::new()),
+            lookups: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+}
+
+fn position(list: &[&str], s: &str) -> Option<usize> {
+    list.iter().position(|x| *x == s)
+}
+
+/// A latency histogram whose observations are relaxed atomic adds: requests of different pods
+/// never wait for one another to record their time (prometheus-client's own takes a mutex).
+#[derive(Debug, Clone)]
+pub struct LatencyHistogram(std::sync::Arc<HistogramInner>);
+
+#[derive(Debug)]
+struct HistogramInner {
+    bounds: Vec<f64>,
+    /// One per bound, then +Inf.
+    counts: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Vec<f64> = bounds.into_iter().collect();
+        let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        LatencyHistogram(std::sync::Arc::new(HistogramInner {
+            bounds,
+            counts,
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let h = &self.0;
+        let i = h
+            .bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(h.bounds.len());
+        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        h.count.fetch_add(1, Ordering::Relaxed);
+        // Saturating float-to-int cast: a negative or NaN value adds nothing.
+        h.sum_nanos
+            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = &self.0;
+        let buckets: Vec<(f64, u64)> = h
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(h.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(
+            h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            h.count.load(Ordering::Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 pub struct Metrics {
     registry: Mutex<Registry>,
-    requests: Family<Labels, Counter>,
-    request_seconds: Family<Labels, Histogram>,
-    lookups: Family<Labels, Counter>,
+    requests: Family<Label2, Counter>,
+    request_seconds: Family<Label1, LatencyHistogram>,
+    lookups: Family<Label1, Counter>,
+    hot: Hot,
     token_requests: Family<Labels, Counter>,
     sts_calls: Family<Labels, Counter>,
     refreshes: Family<Labels, Counter>,
@@ -38,11 +150,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut r = Registry::default();
-        let requests = Family::<Labels, Counter>::default();
-        let request_seconds = Family::<Labels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0005, 2.5, 12))
+        let requests = Family::<Label2, Counter>::default();
+        let request_seconds = Family::<Label1, LatencyHistogram>::new_with_constructor(|| {
+            LatencyHistogram::new(exponential_buckets(0.0005, 2.5, 12))
         });
-        let lookups = Family::<Labels, Counter>::default();
+        let lookups = Family::<Label1, Counter>::default();
         let token_requests = Family::<Labels, Counter>::default();
         let sts_calls = Family::<Labels, Counter>::default();
         let refreshes = Family::<Labels, Counter>::default();
@@ -105,6 +217,7 @@ impl Metrics {
             requests,
             request_seconds,
             lookups,
+            hot: Hot::new(),
             token_requests,
             sts_calls,
             refreshes,
@@ -116,16 +229,35 @@ impl Metrics {
     }
 
     pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&vec![("route", route), ("code", status_label(status))])
-            .inc();
-        self.request_seconds
-            .get_or_create(&vec![("route", route)])
-            .observe(seconds);
+        let code = status_label(status);
+        let series = || {
+            self.requests
+                .get_or_create(&[("route", route), ("code", code)])
+                .clone()
+        };
+        let latency = || {
+            self.request_seconds
+                .get_or_create(&[("route", route)])
+                .clone()
+        };
+        match (position(&ROUTES, route), position(&CODES, code)) {
+            (Some(r), Some(c)) => {
+                self.hot.requests[r][c].get_or_init(series).inc();
+                self.hot.seconds[r].get_or_init(latency).observe(seconds);
+            }
+            _ => {
+                series().inc();
+                latency().observe(seconds);
+            }
+        }
     }
 
     pub fn lookup(&self, result: &'static str) {
-        self.lookups.get_or_create(&vec![("result", result)]).inc();
+        let series = || self.lookups.get_or_create(&[("result", result)]).clone();
+        match position(&LOOKUPS, result) {
+            Some(i) => self.hot.lookups[i].get_or_init(series).inc(),
+            None => series().inc(),
+        };
     }
 
     /// A TokenRequest call: `success` or the error's metric label.
