@@ -101,7 +101,7 @@ fn agent_main(flags: &[String]) -> anyhow::Result<()> {
         std::iter::once("irsa-imds-agent".to_string()).chain(flags.iter().cloned()),
     )?;
     tokio::runtime::Runtime::new()?.block_on(async move {
-        telemetry::init_logging(cfg.log_format);
+        telemetry::init_logging(cfg.log_format, &cfg.node_name);
         cfg.validate().map_err(|e| anyhow!(e))?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let listeners = Listeners::bind(&cfg).await?;
