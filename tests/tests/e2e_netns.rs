@@ -792,10 +792,16 @@ fn pod_role_listing(pod_ns: &str, imds: SocketAddr) -> Answer {
     let mut s = match testbed::netns::connect_in(pod_ns, imds) {
         Ok(s) => s,
         Err(e) => {
-            let refused = e
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
-            assert!(refused, "{pod_ns} -> {imds}: {e:#}");
+            let kind = e.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+            // A reset while connecting is the agent's listener going away under the SYN: the pod
+            // still gets nothing, the same fail-closed outcome as a close mid-request.
+            if kind == Some(std::io::ErrorKind::ConnectionReset) {
+                return Answer::Closed;
+            }
+            assert!(
+                kind == Some(std::io::ErrorKind::ConnectionRefused),
+                "{pod_ns} -> {imds}: {e:#}"
+            );
             return Answer::Refused;
         }
     };
