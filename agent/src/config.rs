@@ -135,6 +135,22 @@ pub struct Config {
     #[arg(long, env = "IRSA_IMDS_FETCH_RATE", default_value_t = 50)]
     pub fetch_rate: u32,
 
+    /// Most connections the IMDS listener holds at once; more are refused at accept (reset).
+    #[arg(long, env = "IRSA_IMDS_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Most IMDS connections one source address holds at once, so no caller can take the places
+    /// of the others: room for a pod with a few hundred SDK clients starting together, while 16
+    /// such sources would be needed to fill --max-connections.
+    #[arg(long, env = "IRSA_IMDS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256)]
+    pub max_connections_per_source: usize,
+
+    /// Serve only connections that came through the host redirect (their original destination,
+    /// as the DNAT recorded it, is 169.254.169.254:80 or [fd00:ec2::254]:80); connections made
+    /// straight to --listen are refused. Needs --iptables.
+    #[arg(long, env = "IRSA_IMDS_REQUIRE_REDIRECT")]
+    pub require_redirect: bool,
+
     /// Kubeconfig file; without it, the usual inference (KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -247,6 +263,23 @@ impl Config {
         }
         if self.max_concurrent_fetches == 0 || self.fetch_rate == 0 {
             return Err("--max-concurrent-fetches and --fetch-rate must be positive".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_source == 0 {
+            return Err(
+                "--max-connections and --max-connections-per-source must be positive".into(),
+            );
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err(
+                "--max-connections-per-source must not exceed --max-connections".into(),
+            );
+        }
+        if self.require_redirect && !self.iptables {
+            return Err(
+                "--require-redirect needs --iptables: only the host redirect can be checked here \
+                 (the per-pod redirect happens inside each pod's namespace)"
+                    .into(),
+            );
         }
         if !self.upstream_imds.starts_with("http://") {
             return Err(format!(

@@ -20,6 +20,7 @@ async fn main() {
     if let Err(msg) = cfg.validate() {
         fail(&format!("invalid configuration: {msg}"));
     }
+    raise_nofile_limit(&cfg);
     // kube and the AWS SDK both pull in rustls; exactly one process-wide provider must be chosen
     // before the first TLS client is built.
     if rustls::crypto::ring::default_provider()
@@ -34,6 +35,23 @@ async fn main() {
     };
     if let Err(e) = run(cfg, listeners, shutdown_signal()).await {
         fail(&chain(&e));
+    }
+}
+
+/// Descriptors beyond the listeners' caps: the registration socket, API and STS clients, logs.
+const SPARE_DESCRIPTORS: u64 = 256;
+
+/// A flood must hit the listeners' caps (refused, counted), not `EMFILE` at accept.
+fn raise_nofile_limit(cfg: &Config) {
+    let needed = (cfg.max_connections as u64).saturating_add(SPARE_DESCRIPTORS + 256); // + the ops listener's cap
+    match irsa_imds_agent::server::limits::raise_nofile_limit() {
+        Ok(n) if n < needed => tracing::warn!(
+            limit = n,
+            needed,
+            "RLIMIT_NOFILE is below --max-connections plus the ops listener; raise the hard limit"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
 }
 

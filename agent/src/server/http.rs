@@ -18,20 +18,32 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::Agent;
+use super::gate::{Gate, Lane, Refusal};
+use super::redirect;
 use crate::imds::{Answer, Reply, RequestHead, UpstreamPath};
 
-/// A client that has not sent its headers by then is cut off (slowloris).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Request heads above this size get 431: real metadata requests are a few hundred bytes.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// Connections beyond this are refused at accept rather than queued without bound.
-const MAX_CONNECTIONS: usize = 4096;
 /// An accept error (out of descriptors, say) is retried after this instead of spinning.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+/// Paths a connection in the ops listener's reserved places may ask for.
+const HEALTH_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
-/// Accepts connections until `stop`, each served by hyper with head-size and head-time limits.
+/// A listening socket with the limits its connections are served under.
+pub(super) struct Listener {
+    pub(super) socket: TcpListener,
+    pub(super) gate: Arc<Gate>,
+    /// A client that has not sent a full request head by then is cut off (slowloris, idle
+    /// connections holding places).
+    pub(super) header_timeout: Duration,
+    /// Refuse connections that did not come through the host redirect (IMDS listener only).
+    pub(super) require_redirect: bool,
+}
+
+/// Accepts connections until `stop`. Each one is admitted by the listener's gate (or closed at
+/// once with a reset and counted) and served by hyper with head-size and head-time limits.
 pub(super) fn serve<F, Fut>(
-    listener: TcpListener,
+    listener: Listener,
     stop: CancellationToken,
     graceful: &Arc<GracefulShutdown>,
     handler: F,
@@ -41,12 +53,17 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let graceful = graceful.clone();
-    let conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let Listener {
+        socket,
+        gate,
+        header_timeout,
+        require_redirect,
+    } = listener;
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
-                a = listener.accept() => a,
+                a = socket.accept() => a,
             };
             let (stream, peer) = match accepted {
                 Ok(x) => x,
@@ -56,29 +73,59 @@ where
                     continue;
                 }
             };
-            let Ok(permit) = conns.clone().try_acquire_owned() else {
-                drop(stream);
-                continue;
+            let source = peer.ip().to_canonical();
+            let admitted = if require_redirect && !redirect::came_through_redirect(&stream) {
+                Err(Refusal::NotRedirected)
+            } else {
+                let from_node = stream
+                    .local_addr()
+                    .is_ok_and(|l| l.ip().to_canonical() == source);
+                gate.admit(source, from_node)
             };
+            let pass = match admitted {
+                Ok(pass) => pass,
+                Err(why) => {
+                    // A reset, not a FIN: the place and the descriptor are free at once, and the
+                    // client learns at once that it was refused.
+                    let _ = stream.set_zero_linger();
+                    drop(stream);
+                    gate.refused(source, why);
+                    continue;
+                }
+            };
+            let health_only = pass.lane == Lane::Health;
             let handler = handler.clone();
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<Incoming>| {
                 let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req, peer).await) }
+                async move {
+                    if health_only && !HEALTH_PATHS.contains(&req.uri().path()) {
+                        return Ok::<_, Infallible>(busy());
+                    }
+                    Ok::<_, Infallible>(handler(req, peer).await)
+                }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES);
+                .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_HEAD_BYTES)
+                .keep_alive(!health_only);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             let fut = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = fut.await {
                     tracing::debug!(error = %e, peer = %peer, "connection error");
                 }
-                drop(permit);
+                drop(pass);
             });
         }
     })
+}
+
+/// The answer in a reserved place to anything but a health check.
+fn busy() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(b"busy\n")));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r
 }
 
 impl Agent {

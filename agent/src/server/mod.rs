@@ -5,7 +5,10 @@
 //! - `clients`: the real Kubernetes and STS clients [`run`] builds;
 //! - `wiring`: [`run_with`], which assembles the parts, serves until shutdown and drains;
 //! - `seams`: the pod index, role resolver and credential cache as the protocol's seams;
-//! - `http`: accept loops, connection limits, requests in and replies out;
+//! - `http`: accept loops, requests in and replies out;
+//! - `gate`: connection admission (per-source and listener caps, the health reserve);
+//! - `redirect`: whether a connection came through the host redirect (`SO_ORIGINAL_DST`);
+//! - `limits`: the process's descriptor limit;
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`;
 //! - `rule`: the host-mode redirect rule's life cycle (it outlives the agent);
 //! - `chain`: keeping the CNI hook in the node's active conflist.
@@ -13,8 +16,11 @@
 mod agent;
 mod chain;
 mod clients;
+mod gate;
 mod http;
+pub mod limits;
 mod ops;
+mod redirect;
 mod rule;
 mod seams;
 mod wiring;

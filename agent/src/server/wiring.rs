@@ -11,6 +11,7 @@ use kube::Api;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::Agent;
+use super::gate::{Caps, Gate};
 use super::rule::install_rule;
 use super::{Deps, Listeners, RunError, http, ops};
 use crate::config::Config;
@@ -21,6 +22,21 @@ use crate::pods::{PodIndex, Registration};
 
 /// In-flight requests get this long to finish after shutdown starts.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A metadata client that has not sent its request head by then is cut off (slowloris; idle
+/// connections give their place back).
+const IMDS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Probes and scrapes send their request at once; a connection that does not is someone holding
+/// places, and the kubelet's probe (1 s timeout by default) needs them back soon.
+const OPS_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The ops listener: a few callers (the kubelet's probes, a Prometheus scrape), each needing one
+/// or two connections, so one source holds at most 8; and 32 more places only the node itself
+/// (the kubelet probing this host-network pod connects from the address it connects to) may
+/// take, each for one `/healthz` or `/readyz`, so the probe gets through whatever else floods.
+const OPS_CAPS: Caps = Caps {
+    max: 256,
+    per_source: 8,
+    reserved: 32,
+};
 
 /// Loads the state file into `index` (see [`crate::pods::state`] for what a bad file does) and
 /// keeps it there from now on; returns the restored registrations, to be confirmed again.
@@ -111,16 +127,36 @@ pub async fn run_with(
     tokio::spawn(agent.creds.clone().refresher(REFRESH_SCAN, stop.clone()));
 
     let graceful = Arc::new(GracefulShutdown::new());
+    let imds = http::Listener {
+        socket: listeners.imds,
+        gate: Gate::new(
+            "imds",
+            Caps {
+                max: cfg.max_connections,
+                per_source: cfg.max_connections_per_source,
+                reserved: 0,
+            },
+            deps.metrics.clone(),
+        ),
+        header_timeout: IMDS_HEADER_TIMEOUT,
+        require_redirect: cfg.require_redirect,
+    };
+    let ops = http::Listener {
+        socket: listeners.ops,
+        gate: Gate::new("ops", OPS_CAPS, deps.metrics.clone()),
+        header_timeout: OPS_HEADER_TIMEOUT,
+        require_redirect: false,
+    };
     let imds_task = {
         let agent = agent.clone();
-        http::serve(listeners.imds, stop.clone(), &graceful, move |req, peer| {
+        http::serve(imds, stop.clone(), &graceful, move |req, peer| {
             let agent = agent.clone();
             async move { agent.handle(req, peer).await }
         })
     };
     let ops_task = {
         let agent = agent.clone();
-        http::serve(listeners.ops, stop.clone(), &graceful, move |req, _| {
+        http::serve(ops, stop.clone(), &graceful, move |req, _| {
             let agent = agent.clone();
             async move { ops::respond(&req, &agent.index, &agent.metrics) }
         })

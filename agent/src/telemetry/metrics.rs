@@ -139,6 +139,7 @@ pub struct Metrics {
     rule_restorations: Counter,
     cni_rechains: Counter,
     pods: Gauge,
+    connections_refused: Family<Label2, Counter>,
 }
 
 impl Default for Metrics {
@@ -162,6 +163,7 @@ impl Metrics {
         let rule_restorations = Counter::default();
         let cni_rechains = Counter::default();
         let pods = Gauge::default();
+        let connections_refused = Family::<Label2, Counter>::default();
         r.register(
             "irsa_imds_requests",
             "IMDS requests by route and status",
@@ -212,6 +214,11 @@ impl Metrics {
             "Pods of this node in the index",
             pods.clone(),
         );
+        r.register(
+            "irsa_imds_connections_refused",
+            "Connections closed at accept, by listener and reason",
+            connections_refused.clone(),
+        );
         Metrics {
             registry: Mutex::new(r),
             requests,
@@ -225,6 +232,7 @@ impl Metrics {
             rule_restorations,
             cni_rechains,
             pods,
+            connections_refused,
         }
     }
 
@@ -299,6 +307,20 @@ impl Metrics {
 
     pub fn set_pods(&self, n: usize) {
         self.pods.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// A connection closed at accept: `listener` is `imds` or `ops`, `reason` the refusal's label.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&[("listener", listener), ("reason", reason)])
+            .inc();
+    }
+
+    /// Counter value for tests: `irsa_imds_connections_refused_total{listener,reason}`.
+    pub fn connections_refused(&self, listener: &'static str, reason: &'static str) -> u64 {
+        self.connections_refused
+            .get_or_create(&[("listener", listener), ("reason", reason)])
+            .get()
     }
 
     /// Counter value for tests and the benchmark: `irsa_imds_sts_calls_total{outcome}`.
