@@ -142,7 +142,11 @@ pub struct Config {
     /// Most IMDS connections one source address holds at once, so no caller can take the places
     /// of the others: room for a pod with a few hundred SDK clients starting together, while 16
     /// such sources would be needed to fill --max-connections.
-    #[arg(long, env = "IRSA_IMDS_MAX_CONNECTIONS_PER_SOURCE", default_value_t = 256)]
+    #[arg(
+        long,
+        env = "IRSA_IMDS_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 256
+    )]
     pub max_connections_per_source: usize,
 
     /// Serve only connections that came through the host redirect (their original destination,
@@ -270,9 +274,7 @@ impl Config {
             );
         }
         if self.max_connections_per_source > self.max_connections {
-            return Err(
-                "--max-connections-per-source must not exceed --max-connections".into(),
-            );
+            return Err("--max-connections-per-source must not exceed --max-connections".into());
         }
         if self.require_redirect && !self.iptables {
             return Err(

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use irsa_imds_agent::identity::RoleExchange;
 use irsa_imds_agent::telemetry::Metrics;
 use irsa_imds_agent::{Config, Deps, Listeners, RunError, run_with};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
 
 use crate::kube_api::KubeApi;
@@ -73,8 +73,11 @@ impl Agent {
         ];
         argv.extend_from_slice(args);
         let cfg = Config::try_parse_from(argv).context("agent flags")?;
-        let imds = TcpListener::bind("127.0.0.1:0").await?;
-        let ops = TcpListener::bind("127.0.0.1:0").await?;
+        let any: SocketAddr = "127.0.0.1:0".parse()?;
+        let (imds, ops) = (
+            irsa_imds_agent::server::listen(any)?,
+            irsa_imds_agent::server::listen(any)?,
+        );
         let (imds_addr, ops_addr) = (imds.local_addr()?, ops.local_addr()?);
         let metrics = Arc::new(Metrics::new());
         let deps = Deps::from_kube(kube.client(), sts, metrics.clone(), None);

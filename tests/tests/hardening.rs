@@ -500,3 +500,274 @@ async fn ten_thousand_gets_write_one_audit_line() {
     }
     assert_eq!(lines_with(&logs, &["not identified", stranger]), 1);
 }
+
+/// What one pod saw while fetching its credentials, each on a new connection as SDKs do.
+#[derive(Default)]
+struct Fetches {
+    latencies: Vec<Duration>,
+    failures: Vec<String>,
+}
+
+impl Fetches {
+    fn percentile(&self, p: f64) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(((l.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Fetches `path` from `src` until `done` says so; each fetch must be a 200 with keys within 2 s.
+async fn fetch_until(
+    to: SocketAddr,
+    src: &str,
+    path: &str,
+    mut done: impl FnMut(&Fetches) -> bool,
+) -> Fetches {
+    let mut f = Fetches::default();
+    let src: IpAddr = src.parse().unwrap();
+    while !done(&f) {
+        let t0 = std::time::Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            request(to, src, Method::GET, path, &[]),
+        )
+        .await;
+        let took = t0.elapsed();
+        match r {
+            Ok(Ok(r)) if r.status == StatusCode::OK && r.text().contains("AccessKeyId") => {
+                f.latencies.push(took)
+            }
+            Ok(Ok(r)) => f.failures.push(format!("{} {}", r.status, r.text())),
+            Ok(Err(e)) => f.failures.push(format!("{e:#}")),
+            Err(_) => f.failures.push("no answer within 2 s".into()),
+        }
+    }
+    f
+}
+
+/// Runs `fut` on a runtime of its own thread, so the load generators and the measuring pod do
+/// not share the agent's scheduler.
+fn on_own_thread<T: Send + 'static>(
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    })
+}
+
+/// Opens `n` connections from `src` to `to`, idle (nothing is ever sent on them); returns the
+/// ones still open for the caller to hold, and how many the agent refused at once (reset).
+async fn idle_flood(to: SocketAddr, src: IpAddr, n: usize) -> (Vec<tokio::net::TcpStream>, usize) {
+    let (mut held, mut reset) = (Vec::with_capacity(n), 0);
+    for chunk in 0..n.div_ceil(250) {
+        let conns = (0..250.min(n - chunk * 250)).map(|_| async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(SocketAddr::new(src, 0)).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), sock.connect(to)).await
+        });
+        for c in futures::future::join_all(conns).await {
+            match c {
+                Ok(Ok(s)) => held.push(s),
+                Ok(Err(_)) => reset += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    (held, reset)
+}
+
+/// Keep-alive GETs of `path` from `src` as fast as the agent answers, reconnecting at once when a
+/// connection is refused or cut, until `stop`; returns the requests answered.
+async fn request_storm(
+    to: SocketAddr,
+    src: IpAddr,
+    path: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    use std::sync::atomic::Ordering;
+    let mut answered = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+            continue;
+        };
+        if sock.bind(SocketAddr::new(src, 0)).is_err() {
+            continue;
+        }
+        let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), sock.connect(to)).await
+        else {
+            continue;
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        while !stop.load(Ordering::Relaxed) {
+            let req = http::Request::get(path.as_str())
+                .header("host", "169.254.169.254")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let Ok(resp) = sender.send_request(req).await else {
+                break;
+            };
+            if http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            answered += 1;
+        }
+    }
+    answered
+}
+
+/// Issue 9's flood: 5,000 idle connections and a request storm from one source (plus 1,000 idle
+/// connections on the ops port) while another pod keeps fetching its credentials: that pod gets
+/// every answer, p99 under 50 ms; `/healthz` answers throughout; the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_flooding_source_starves_neither_another_pod_nor_the_health_probe() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // 6,000 client sockets here, the agent's in the same process.
+    irsa_imds_agent::server::limits::raise_nofile_limit().unwrap();
+    let b = bed(FakeImds::start().await.unwrap(), &["--pod-wait", "50ms"]).await;
+    let (flooder, victim) = ("127.0.0.251", "127.0.0.252");
+    add_pod(&b, "flooder", flooder).await;
+    add_pod(&b, "victim", victim).await;
+    let path = format!("{CREDS}reader");
+    let (imds, ops) = (b.agent.imds, b.agent.ops);
+
+    // Warm-up, then the same pod unloaded, for comparison.
+    let p = path.clone();
+    let quiet = on_own_thread(async move {
+        fetch_until(imds, victim, &p, |f| {
+            f.latencies.len() + f.failures.len() >= 300
+        })
+        .await;
+        fetch_until(imds, victim, &p, |f| {
+            f.latencies.len() + f.failures.len() >= 500
+        })
+        .await
+    })
+    .join()
+    .unwrap();
+    assert!(quiet.failures.is_empty(), "{:?}", quiet.failures);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let idle_opened = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let flood = {
+        let (stop, idle_opened, path) = (stop.clone(), idle_opened.clone(), path.clone());
+        let src: IpAddr = flooder.parse().unwrap();
+        on_own_thread(async move {
+            let (held_imds, reset_imds) = idle_flood(imds, src, 5_000).await;
+            let (held_ops, reset_ops) = idle_flood(ops, src, 1_000).await;
+            idle_opened.store(held_imds.len() + held_ops.len(), Ordering::SeqCst);
+            let storms: Vec<_> = (0..64)
+                .map(|_| tokio::spawn(request_storm(imds, src, path.clone(), stop.clone())))
+                .collect();
+            let mut storm_answered = 0;
+            for s in storms {
+                storm_answered += s.await.unwrap_or(0);
+            }
+            drop((held_imds, held_ops));
+            (reset_imds, reset_ops, storm_answered)
+        })
+    };
+    let health = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    request(
+                        ops,
+                        "127.0.0.1".parse().unwrap(),
+                        Method::GET,
+                        "/healthz",
+                        &[],
+                    ),
+                )
+                .await;
+                match r {
+                    Ok(Ok(r)) if r.status == StatusCode::OK => ok += 1,
+                    Ok(Ok(r)) => failed.push(r.status.to_string()),
+                    Ok(Err(e)) => failed.push(format!("{e:#}")),
+                    Err(_) => failed.push("no answer within 1 s".into()),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (ok, failed)
+        })
+    };
+    let started = std::time::Instant::now();
+    let opened = idle_opened.clone();
+    let p = path.clone();
+    let flooded = on_own_thread(async move {
+        // From the idle flood being opened, then 8 s of storm (past the 5 s in which the agent
+        // cuts the idle connections it admitted and the storm takes their places).
+        let mut storm_since = None;
+        fetch_until(imds, victim, &p, |f| {
+            if storm_since.is_none() && opened.load(Ordering::SeqCst) != usize::MAX {
+                storm_since = Some(std::time::Instant::now());
+            }
+            let stormed = storm_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(8));
+            (stormed && f.latencies.len() >= 1500) || started.elapsed() >= Duration::from_secs(120)
+        })
+        .await
+    });
+    let flooded = tokio::task::spawn_blocking(move || flooded.join().unwrap())
+        .await
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let (health_ok, health_failed) = health.await.unwrap();
+    let (reset_imds, reset_ops, storm_answered) =
+        tokio::task::spawn_blocking(move || flood.join().unwrap())
+            .await
+            .unwrap();
+    let m = &b.agent.metrics;
+    let refused_imds = m.connections_refused("imds", "per_source");
+    let refused_ops = m.connections_refused("ops", "per_source");
+    let total = flooded.latencies.len() + flooded.failures.len();
+    println!(
+        "flood from {flooder}: 5,000 idle IMDS connections ({reset_imds} reset at once), 1,000 idle ops connections ({reset_ops} reset at once), then 64 storm loops: {storm_answered} requests answered; {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "victim {victim}: {}/{total} fetches succeeded ({:.2}%), p50 {:?}, p99 {:?}, max {:?} (unflooded: p50 {:?}, p99 {:?})",
+        flooded.latencies.len(),
+        100.0 * flooded.latencies.len() as f64 / total.max(1) as f64,
+        flooded.percentile(0.50),
+        flooded.percentile(0.99),
+        flooded.percentile(1.0),
+        quiet.percentile(0.50),
+        quiet.percentile(0.99),
+    );
+    println!(
+        "/healthz: {health_ok} answered, {} failed; refused: imds {refused_imds}, ops {refused_ops}",
+        health_failed.len()
+    );
+    assert!(
+        flooded.failures.is_empty(),
+        "{:?}",
+        &flooded.failures[..flooded.failures.len().min(5)]
+    );
+    assert!(flooded.latencies.len() >= 1500, "enough samples for a p99");
+    assert!(
+        flooded.percentile(0.99) < Duration::from_millis(50),
+        "p99 {:?}",
+        flooded.percentile(0.99)
+    );
+    assert!(health_failed.is_empty(), "{health_failed:?}");
+    assert!(health_ok >= 10, "{health_ok}");
+    assert!(storm_answered > 0, "the storm was served its share");
+    assert!(refused_imds >= 4_000, "{refused_imds}");
+    assert!(refused_ops >= 900, "{refused_ops}");
+}

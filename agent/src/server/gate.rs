@@ -116,7 +116,11 @@ impl Gate {
 
     /// A place for a new connection from `source`, or why there is none. `from_node` says the
     /// source is the address the connection was made to (the node talking to itself).
-    pub(super) fn admit(self: &Arc<Self>, source: IpAddr, from_node: bool) -> Result<Pass, Refusal> {
+    pub(super) fn admit(
+        self: &Arc<Self>,
+        source: IpAddr,
+        from_node: bool,
+    ) -> Result<Pass, Refusal> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let held = open.by_source.get(&source).copied().unwrap_or(0);
         let refusal = if held >= self.caps.per_source {
@@ -181,9 +185,13 @@ impl Gate {
 enum LogVerdict {
     Quiet,
     /// Log this source's refusal; `suppressed` refusals since its last line were not logged.
-    Source { suppressed: u64 },
+    Source {
+        suppressed: u64,
+    },
     /// Too many sources to track each: one line for all of them.
-    ManySources { suppressed: u64 },
+    ManySources {
+        suppressed: u64,
+    },
 }
 
 #[derive(Default)]
@@ -249,8 +257,13 @@ mod tests {
     #[test]
     fn one_source_cannot_take_the_places_of_others() {
         let (g, _) = gate(10, 3, 0);
-        let a: Vec<Pass> = (0..3).map(|_| g.admit(ip("10.0.0.1"), false).unwrap()).collect();
-        assert_eq!(g.admit(ip("10.0.0.1"), false).err(), Some(Refusal::PerSource));
+        let a: Vec<Pass> = (0..3)
+            .map(|_| g.admit(ip("10.0.0.1"), false).unwrap())
+            .collect();
+        assert_eq!(
+            g.admit(ip("10.0.0.1"), false).err(),
+            Some(Refusal::PerSource)
+        );
         let b = g.admit(ip("10.0.0.2"), false).unwrap();
         assert_eq!(b.lane, Lane::General);
         drop(a);
@@ -281,7 +294,9 @@ mod tests {
         // Full for everyone else, from any address...
         assert_eq!(g.admit(ip("10.0.0.3"), false).err(), Some(Refusal::Full));
         // ...but the node's own probes get the reserved places, health only.
-        let probes: Vec<Pass> = (0..2).map(|_| g.admit(ip("10.0.0.9"), true).unwrap()).collect();
+        let probes: Vec<Pass> = (0..2)
+            .map(|_| g.admit(ip("10.0.0.9"), true).unwrap())
+            .collect();
         assert!(probes.iter().all(|p| p.lane == Lane::Health));
         assert_eq!(g.admit(ip("10.0.0.9"), true).err(), Some(Refusal::Full));
         drop(probes);
@@ -291,7 +306,10 @@ mod tests {
         let _one = g.admit(ip("10.0.0.9"), true).unwrap();
         let reserve = g.admit(ip("10.0.0.9"), true).unwrap();
         assert_eq!(reserve.lane, Lane::Health);
-        assert_eq!(g.admit(ip("10.0.0.9"), true).err(), Some(Refusal::PerSource));
+        assert_eq!(
+            g.admit(ip("10.0.0.9"), true).err(),
+            Some(Refusal::PerSource)
+        );
     }
 
     #[test]
@@ -307,7 +325,10 @@ mod tests {
         let a = ip("10.0.0.1");
         assert_eq!(log.note(a, t0), LogVerdict::Source { suppressed: 0 });
         for s in 1..=100 {
-            assert_eq!(log.note(a, t0 + Duration::from_millis(s)), LogVerdict::Quiet);
+            assert_eq!(
+                log.note(a, t0 + Duration::from_millis(s)),
+                LogVerdict::Quiet
+            );
         }
         assert_eq!(
             log.note(ip("10.0.0.2"), t0),
@@ -324,10 +345,16 @@ mod tests {
         let mut log = RefusalLog::default();
         let t0 = Instant::now();
         for i in 0..LOG_SOURCES as u32 {
-            log.note(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000_u32 + i)), t0);
+            log.note(
+                IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000_u32 + i)),
+                t0,
+            );
         }
         let many = ip("192.168.0.1");
-        assert_eq!(log.note(many, t0), LogVerdict::ManySources { suppressed: 0 });
+        assert_eq!(
+            log.note(many, t0),
+            LogVerdict::ManySources { suppressed: 0 }
+        );
         assert_eq!(log.note(ip("192.168.0.2"), t0), LogVerdict::Quiet);
         assert!(log.sources.len() <= LOG_SOURCES);
         // A minute on, the old entries make room again.

@@ -77,22 +77,37 @@ pub struct Listeners {
     pub ops: TcpListener,
 }
 
+/// Connections the kernel completes before the agent accepts them. A connection flood from one
+/// source fills this queue before the agent sees the source (and the kernel then drops every
+/// source's SYNs alike), so it is as deep as the kernel allows by default (`somaxconn`, 4096).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 impl Listeners {
     pub async fn bind(cfg: &Config) -> Result<Self, RunError> {
         let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Bind {
-                    what,
-                    addr: addr.to_string(),
-                    source,
-                })
+            listen(addr).map_err(|source| RunError::Bind {
+                what,
+                addr: addr.to_string(),
+                source,
+            })
         };
         Ok(Listeners {
             imds: bind("--listen", cfg.listen).await?,
             ops: bind("--ops-listen", cfg.ops_listen).await?,
         })
     }
+}
+
+/// A listening socket on `addr` with [`LISTEN_BACKLOG`].
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
 }
 
 /// The seams `run_with` is built from; tests swap any of them for a fake or an emulator.

@@ -10,10 +10,8 @@ use nix::sys::socket::{SockaddrIn, SockaddrIn6, getsockopt, sockopt};
 use tokio::net::TcpStream;
 
 /// Where SDKs send metadata requests: `169.254.169.254:80` and, on IPv6, `[fd00:ec2::254]:80`.
-pub(crate) const IMDS_V4: SocketAddr = SocketAddr::V4(SocketAddrV4::new(
-    Ipv4Addr::new(169, 254, 169, 254),
-    80,
-));
+pub(crate) const IMDS_V4: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80));
 pub(crate) const IMDS_V6: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
     Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254),
     80,
@@ -50,14 +48,19 @@ mod tests {
     #[test]
     fn only_the_metadata_address_counts_as_redirected() {
         assert!(is_metadata_address(Some(IMDS_V4)));
-        assert!(is_metadata_address(Some("[fd00:ec2::254]:80".parse().unwrap())));
+        assert!(is_metadata_address(Some(
+            "[fd00:ec2::254]:80".parse().unwrap()
+        )));
         for other in [
             "169.254.169.254:8181",
             "10.0.0.1:8181",
             "169.254.169.253:80",
             "[fd00:ec2::253]:80",
         ] {
-            assert!(!is_metadata_address(Some(other.parse().unwrap())), "{other}");
+            assert!(
+                !is_metadata_address(Some(other.parse().unwrap())),
+                "{other}"
+            );
         }
         assert!(!is_metadata_address(None));
     }
