@@ -19,8 +19,8 @@ if ! { [ -x "$bin/helm" ] && [ -f "$bin/helm.stamp" ] && [ "$(cat "$bin/helm.sta
   command -v go >/dev/null 2>&1 || fail "go is not installed (needed to build helm)"
   mkdir -p "$cache/go/mod" "$cache/go/build"
   say "building helm $HELM_VERSION (Go module proxy) into $bin"
-  export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOBIN="$bin" GOTOOLCHAIN=local CGO_ENABLED=0
-  nice -n 10 go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+  export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOBIN="$bin" GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-modcacherw
+  nice -n 10 go install -trimpath -ldflags "-s -w" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
     || fail "go install helm.sh/helm/v3/cmd/helm@$HELM_VERSION failed"
   "$bin/helm" version >/dev/null 2>&1 || fail "$bin/helm does not run"
   printf '%s' "$HELM_VERSION" > "$bin/helm.stamp"

@@ -18,8 +18,8 @@ fi
 command -v go >/dev/null 2>&1 || fail "go is not installed (needed to build promtool)"
 mkdir -p "$bin" "$cache/go/mod" "$cache/go/build"
 say "building promtool $PROMETHEUS_MODULE_VERSION (Go module proxy) into $bin"
-export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOBIN="$bin" GOTOOLCHAIN=local CGO_ENABLED=0
-nice -n 10 go install "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
+export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOBIN="$bin" GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-modcacherw
+nice -n 10 go install -trimpath -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
   || fail "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION failed"
 "$bin/promtool" --version >/dev/null 2>&1 || fail "$bin/promtool does not run"
 printf '%s' "$PROMETHEUS_MODULE_VERSION" > "$stamp"

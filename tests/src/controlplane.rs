@@ -1,11 +1,18 @@
 //! A real Kubernetes control plane for the test bed: `etcd` and `kube-apiserver` (built from their
 //! Go modules by `tests/setup-controlplane.sh` into `$IRSA_TESTBED_CACHE/bin`), started on loopback
-//! with free ports and a folder of their own, RBAC (`Node,RBAC`) and admission on (including
+//! (the machine's, or a test's node network namespace's: [`ControlPlane::start_in_netns`]) with
+//! free ports and a folder of their own, RBAC (`Node,RBAC`) and admission on (including
 //! `ValidatingAdmissionPolicy`), a ServiceAccount signing key and issuer, an audit log of every
 //! request a ServiceAccount makes, and an admin kubeconfig for the test.
 //!
 //! There is no kubelet, scheduler or controller-manager: the test plays the kubelet (creates pods
 //! with `spec.nodeName`, patches their status through the status subresource, deletes them).
+//!
+//! In a node network namespace the servers listen on that namespace's loopback, where the agent
+//! running in the namespace reaches them as on a real node; the test process, outside, reaches
+//! the very same `https://127.0.0.1:<port>` through a bridge: a listener on the machine's
+//! loopback, on the same port number, whose every connection is made again from inside the
+//! namespace. So one URL (the apiserver's, its issuer's, etcd's) is right on both sides.
 //!
 //! Lifetime: an owned [`ControlPlane`] kills both processes and removes its folder on drop. The
 //! per-binary [`ControlPlane::shared`] instance lives as long as the test process: its processes
@@ -78,6 +85,8 @@ pub fn binaries_present() -> anyhow::Result<bool> {
 pub struct ControlPlane {
     dir: TempDir,
     procs: Mutex<Vec<Child>>,
+    /// The bridges into the node namespace (none on the machine's loopback); stopped on drop.
+    _bridges: Vec<Bridge>,
     /// `https://127.0.0.1:<port>`.
     pub url: String,
     /// `http://127.0.0.1:<port>` (etcd's client URL, with its JSON gateway).
@@ -104,13 +113,38 @@ impl ControlPlane {
         Ok(Some(cp.clone()))
     }
 
-    /// A control plane of the caller's own (stopped and removed on drop).
+    /// A control plane of the caller's own on the machine's loopback (stopped and removed on
+    /// drop).
     pub async fn start() -> anyhow::Result<ControlPlane> {
+        Self::start_on(None).await
+    }
+
+    /// A control plane of the caller's own inside network namespace `netns` (a test's node),
+    /// listening on its loopback and bridged to the same ports on the machine's loopback for the
+    /// test itself (see the module docs). Stopped, bridges closed and folder removed on drop;
+    /// the namespace stays the caller's.
+    pub async fn start_in_netns(netns: &str) -> anyhow::Result<ControlPlane> {
+        crate::netns::require_root()?;
+        Self::start_on(Some(netns)).await
+    }
+
+    async fn start_on(netns: Option<&str>) -> anyhow::Result<ControlPlane> {
         crate::harness::install_crypto();
         sweep_stale_dirs();
         let dir = TempDir::new("cp")?;
         let d = dir.path().to_path_buf();
-        let [etcd_port, peer_port, api_port] = free_ports()?;
+        // In a namespace, the bridges hold the machine-side ports first; the namespace is the
+        // test's own, so the same numbers are free in it.
+        let (bridges, [etcd_port, peer_port, api_port]) = match netns {
+            None => (Vec::new(), free_ports()?),
+            Some(ns) => {
+                let api = Bridge::start(ns)?;
+                let etcd = Bridge::start(ns)?;
+                let [peer] = free_ports()?;
+                let ports = [etcd.port, peer, api.port];
+                (vec![api, etcd], ports)
+            }
+        };
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let url = format!("https://127.0.0.1:{api_port}");
         let admin_token = hex(&random_bytes::<24>()?);
@@ -143,6 +177,7 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             dir,
             procs: Mutex::new(Vec::new()),
+            _bridges: bridges,
             url: url.clone(),
             etcd_url: etcd_url.clone(),
             issuer: url.clone(),
@@ -151,6 +186,7 @@ impl ControlPlane {
         };
 
         let mut etcd = supervised(
+            netns,
             &bin_dir().join("etcd"),
             &[
                 "--name=testbed".into(),
@@ -169,6 +205,7 @@ impl ControlPlane {
         cp.spawn(etcd)?;
 
         let mut api = supervised(
+            netns,
             &bin_dir().join("kube-apiserver"),
             &[
                 format!("--etcd-servers={etcd_url}"),
@@ -619,9 +656,17 @@ pub async fn kubectl_with(
 }
 
 /// `program args` under `setpriv --pdeathsig KILL`: it dies with the thread that spawned it
-/// (see the module docs).
-fn supervised(program: &Path, args: &[String]) -> Command {
-    let mut cmd = Command::new("setpriv");
+/// (see the module docs). In `netns`, through `ip netns exec`, which enters the namespace and
+/// execs setpriv in the same process, so the death signal still ties it to that thread.
+fn supervised(netns: Option<&str>, program: &Path, args: &[String]) -> Command {
+    let mut cmd = match netns {
+        None => Command::new("setpriv"),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "setpriv"]);
+            c
+        }
+    };
     cmd.args(["--pdeathsig", "KILL", "--"])
         .arg(program)
         .args(args)
@@ -738,4 +783,71 @@ async fn http_post_json(base: &str, path: &str, body: &Value) -> anyhow::Result<
         String::from_utf8_lossy(&bytes)
     );
     Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// A listener on the machine's loopback whose every connection is made again, to the same port,
+/// from inside a network namespace (see the module docs). Plain threads, not tasks: a shared
+/// control plane outlives the runtime of the test that started it. Dropping it stops accepting
+/// and closes every bridged connection.
+struct Bridge {
+    port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Both ends of every bridged connection, to shut down on drop.
+    open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Bridge {
+    fn start(netns: &str) -> anyhow::Result<Bridge> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+        let (ns, stop2, open2) = (netns.to_string(), stop.clone(), open.clone());
+        let target = SocketAddr::from(([127, 0, 0, 1], port));
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                if stop2.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(inbound) = inbound else { continue };
+                let Ok(outbound) = crate::netns::connect_in(&ns, target) else {
+                    continue; // the client sees its connection closed
+                };
+                let (Ok(a), Ok(b)) = (inbound.try_clone(), outbound.try_clone()) else {
+                    continue;
+                };
+                if let Ok(mut o) = open2.lock() {
+                    o.retain(|s| s.peer_addr().is_ok());
+                    o.extend([a, b]);
+                }
+                pipe(&inbound, &outbound);
+                pipe(&outbound, &inbound);
+            }
+        });
+        Ok(Bridge { port, stop, open })
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own; the end of `from` ends `to`'s writing side.
+fn pipe(from: &std::net::TcpStream, to: &std::net::TcpStream) {
+    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accepting thread, which then sees `stop`.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        if let Ok(open) = self.open.lock() {
+            for s in open.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }

@@ -6,6 +6,9 @@
 //! policy (IRSA style: `StringEquals` on `<provider>:sub` and `<provider>:aud`). Credentials are
 //! random (never counters) and every issue is recorded ([`Issued`]) so tests can assert that the
 //! agent served exactly what STS issued. Fault injection: throttling, latency, errors.
+//!
+//! [`StsEmulator::start_forwarding`] checks the same and then has another STS (moto) issue the
+//! credentials: the answer on the wire, and the keys that STS then recognises, are moto's.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -231,8 +234,18 @@ struct State {
     jwks: Option<Jwks>,
 }
 
+/// Where a verified request is answered (see [`StsEmulator::start_forwarding`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The network namespace to connect from (`None`: this process's).
+    pub netns: Option<String>,
+    pub addr: SocketAddr,
+}
+
 struct Config {
     keys: KeySource,
+    /// Set: verified requests are forwarded there and its answer is returned as it is.
+    forward: Option<Forward>,
     /// The provider's client IDs (audiences STS accepts in tokens).
     client_ids: Vec<String>,
     trust: Mutex<Trust>,
@@ -274,11 +287,34 @@ impl StsEmulator {
         keys: KeySource,
         trust: Trust,
     ) -> anyhow::Result<StsEmulator> {
+        Self::serve(listener, keys, trust, None).await
+    }
+
+    /// Verifies every request as [`start_on`](Self::start_on) does (parameters, token against
+    /// `keys`, the role's `trust`), answers a refusal itself, and forwards an accepted request,
+    /// unchanged, to the STS at `forward` (moto), whose answer it returns as it is. Accepted calls
+    /// are recorded in [`calls`](Self::calls); [`issued`](Self::issued) stays empty.
+    pub async fn start_forwarding(
+        listener: std::net::TcpListener,
+        keys: KeySource,
+        trust: Trust,
+        forward: Forward,
+    ) -> anyhow::Result<StsEmulator> {
+        Self::serve(listener, keys, trust, Some(forward)).await
+    }
+
+    async fn serve(
+        listener: std::net::TcpListener,
+        keys: KeySource,
+        trust: Trust,
+        forward: Option<Forward>,
+    ) -> anyhow::Result<StsEmulator> {
         let listener = crate::util::tokio_listener(listener)?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State::default()));
         let config = Arc::new(Config {
             keys,
+            forward,
             client_ids: vec![STS_AUDIENCE.into()],
             trust: Mutex::new(trust),
             fetch: tokio::sync::Mutex::new(()),
@@ -687,7 +723,16 @@ async fn handle(
         });
         s.calls.len() - 1
     };
-    let resp = answer(&state, &config, role_arn, session, token, duration_param).await;
+    let resp = answer(
+        &state,
+        &config,
+        role_arn,
+        session,
+        token,
+        duration_param,
+        &body,
+    )
+    .await;
     if resp.status() != StatusCode::OK {
         let code = error_code(&resp);
         if let Some(c) = lock(&state).calls.get_mut(index) {
@@ -712,6 +757,7 @@ async fn answer(
     session: &str,
     token: &str,
     duration_param: Option<&String>,
+    body: &Bytes,
 ) -> Response<Full<Bytes>> {
     let (latency, fault, denied, lifetime) = {
         let mut s = lock(state);
@@ -746,6 +792,11 @@ async fn answer(
         return validation(
             "The requested DurationSeconds exceeds the MaxSessionDuration set for this role.",
         );
+    }
+    if let Some(f) = &config.forward {
+        return forward(f, body.clone())
+            .await
+            .unwrap_or_else(|e| error(500, "Receiver", "InternalFailure", &e.to_string()));
     }
     let life = lifetime.map_or(want, |l| l.min(want));
     let exp = aws_smithy_types_fmt(SystemTime::now() + life);
@@ -790,6 +841,36 @@ async fn answer(
     );
     lock(state).issued.push(issued);
     xml(200, body)
+}
+
+/// The request, as a form POST to `f`; its answer (status, content type, body) as it is.
+async fn forward(f: &Forward, body: Bytes) -> anyhow::Result<Response<Full<Bytes>>> {
+    let addr = f.addr;
+    let stream = match f.netns.clone() {
+        None => tokio::net::TcpStream::connect(addr).await?,
+        Some(ns) => {
+            let s =
+                tokio::task::spawn_blocking(move || crate::netns::connect_in(&ns, addr)).await??;
+            s.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(s)?
+        }
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = Request::post("/")
+        .header("host", addr.to_string())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(body))?;
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req)).await??;
+    let status = resp.status();
+    let content_type = resp.headers().get("content-type").cloned();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let mut out = Response::builder().status(status);
+    if let Some(ct) = content_type {
+        out = out.header("content-type", ct);
+    }
+    Ok(out.body(Full::new(bytes))?)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ`, as STS writes it.

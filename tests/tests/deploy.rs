@@ -460,10 +460,12 @@ fn rbac_is_least_privilege() {
         "resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]",
         "resources: [\"serviceaccounts\"]\n    verbs: [\"get\"]",
         "resources: [\"serviceaccounts/token\"]\n    verbs: [\"create\"]",
+        // events.k8s.io only (what the agent writes) and never `patch`: a new Event each time.
+        "apiGroups: [\"events.k8s.io\"]\n    resources: [\"events\"]\n    verbs: [\"create\"]",
     ] {
         assert!(rules.contains(want), "missing {want:?} in\n{rules}");
     }
-    for never in ["secrets", "\"*\"", "update", "delete", "nodes"] {
+    for never in ["secrets", "\"*\"", "update", "patch", "delete", "nodes"] {
         assert!(
             !rules.contains(never),
             "{never} must not be granted:\n{rules}"

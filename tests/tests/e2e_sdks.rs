@@ -1,15 +1,23 @@
-//! The Java and Go SDKs the agent exists for, end to end through the real redirect: the AWS SDK
-//! for Java 1.11.600 and for Go v1.23.0 (both from before web identity; IMDSv1 only), and a
-//! current SDK for Go v2 and for Java 2.x (IMDSv2 session tokens). Each runs unmodified in a pod
-//! network namespace with a clean environment and its SDK's default credential chain (no IMDS
-//! endpoint override: it dials 169.254.169.254, which the agent's DNAT in the node namespace
-//! sends to the agent); only its STS call is pointed at moto. Two pods with different roles at
-//! once each get their own; the pod without a role gets no credentials; the node's role (served
-//! by the fake upstream IMDS) never appears.
+//! The Java and Go SDKs the agent exists for, end to end through the real redirect and a real
+//! Kubernetes control plane: the AWS SDK for Java 1.11.600 and for Go v1.23.0 (both from before
+//! web identity; IMDSv1 only), and a current SDK for Go v2 and for Java 2.x (IMDSv2 session
+//! tokens). Each runs unmodified in a pod network namespace with a clean environment and its
+//! SDK's default credential chain (no IMDS endpoint override: it dials 169.254.169.254, which the
+//! agent's DNAT in the node namespace sends to the agent); only its STS call is pointed at moto.
+//! Two pods with different roles at once each get their own; the pod without a role gets no
+//! credentials; the node's role (served by the fake upstream IMDS) never appears.
 //!
-//! The clients are built by `tests/setup-sdk-clients.sh` into the test-bed cache. One that is
-//! missing fails the test under CI (`CI=true`) and is skipped with a loud message elsewhere.
-//! Everything runs inside namespaces these tests create and remove (root required).
+//! The Kubernetes side is real: `etcd` and `kube-apiserver` run inside the node namespace
+//! (tests/src/controlplane.rs), `deploy/irsa-imds.yaml` is applied to them, the agent runs with a
+//! TokenRequest token of its own ServiceAccount (so the shipped ClusterRole is all it may do), and
+//! the test plays the kubelet. STS verifies every token the agent sends against the apiserver's
+//! OIDC discovery and JWKS and each role's IRSA trust policy, then moto issues the credentials.
+//! One bed (namespaces, control plane, agent) serves the four SDKs in turn.
+//!
+//! The clients are built by `tests/setup-sdk-clients.sh` into the test-bed cache, the control
+//! plane by `tests/setup-controlplane.sh`. One that is missing fails the test under CI
+//! (`CI=true`) and is skipped with a loud message elsewhere. Everything runs inside namespaces
+//! this test creates and removes (root required).
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -20,16 +28,20 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
+use testbed::controlplane::{API_AUDIENCE, ControlPlane};
 use testbed::fake_imds::{FakeImds, NODE_ROLE_KEY_ID};
 use testbed::harness::{NODE, wait_for};
-use testbed::kube_api::{KubeApi, pod};
+use testbed::jwt::KeySource;
 use testbed::moto::Moto;
 use testbed::netns::Topology;
+use testbed::sts::{Forward, RoleTrust, StsEmulator, Trust};
 
 const ANN: &str = "eks.amazonaws.com/role-arn";
 const READER: &str = "arn:aws:iam::123456789012:role/sdk-reader";
 const WRITER: &str = "arn:aws:iam::123456789012:role/sdk-writer";
 const NS: &str = "sdks";
+const AGENT_NS: &str = "kube-system";
+const AGENT_SA: &str = "irsa-imds";
 const AGENT_PORT: u16 = 8181;
 const OPS_PORT: u16 = 8182;
 
@@ -152,48 +164,95 @@ fn agent_bin() -> PathBuf {
 
 /// Pods: 0 = reader role, 1 = writer role, 2 = no role.
 struct Bed {
-    topo: Topology,
-    _kube: KubeApi,
+    // Dropped in this order: the control plane before the namespace it runs in.
+    cp: ControlPlane,
     upstream: FakeImds,
     moto: Moto,
+    sts: StsEmulator,
     dir: testbed::util::TempDir,
+    topo: Topology,
 }
 
-async fn bed(tag: &str) -> Bed {
+/// The bed, or `None` (skip) when the control plane is not built outside CI.
+async fn bed() -> Option<Bed> {
     testbed::netns::require_root().expect("root");
+    if !testbed::controlplane::binaries_present().unwrap() {
+        return None;
+    }
     let topo = Topology::new(3).unwrap();
-    let kube = KubeApi::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
+    let cp = ControlPlane::start_in_netns(topo.node_ns()).await.unwrap();
+    let manifest = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/irsa-imds.yaml"),
+    )
+    .unwrap();
+    cp.apply(&manifest).await.unwrap();
+    cp.create_namespace(NS).await.unwrap();
+    cp.apply_service_account(NS, "reader", &[(ANN, READER)])
         .await
         .unwrap();
+    cp.apply_service_account(NS, "writer", &[(ANN, WRITER)])
+        .await
+        .unwrap();
+    cp.apply_service_account(NS, "plain", &[]).await.unwrap();
+    for (i, sa) in ["reader", "writer", "plain"].iter().enumerate() {
+        let ip = topo.pod_ip(i).to_string();
+        cp.run_pod(NS, &format!("app-{i}"), NODE, sa, &[&ip])
+            .await
+            .unwrap();
+    }
     let upstream = FakeImds::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
         .await
         .unwrap();
     let moto = Moto::start_with(&["ip", "netns", "exec", topo.node_ns()], "0.0.0.0")
         .await
         .unwrap();
-    kube.apply_service_account(NS, "reader", &[(ANN, READER)]);
-    kube.apply_service_account(NS, "writer", &[(ANN, WRITER)]);
-    kube.apply_service_account(NS, "plain", &[]);
-    for (i, sa) in ["reader", "writer", "plain"].iter().enumerate() {
-        let ip = topo.pod_ip(i).to_string();
-        kube.create_pod(pod(NS, &format!("app-{i}"), NODE, sa, &[&ip]));
-    }
-    let dir = testbed::util::TempDir::new(&format!("e2e-sdk-{tag}")).unwrap();
+    // STS as AWS runs it for IRSA: the cluster's OIDC provider (the apiserver's own discovery
+    // and JWKS) and one trust policy per role naming its ServiceAccount; moto then issues.
+    let keys = KeySource::Oidc {
+        issuer_url: cp.issuer.clone(),
+        ca_pem: Some(cp.ca_pem.clone()),
+        bearer_token: Some(cp.admin_token().to_string()),
+    };
+    let trust = Trust::Roles(
+        [(READER, "reader"), (WRITER, "writer")]
+            .into_iter()
+            .map(|(role, sa)| (role.to_string(), RoleTrust::service_accounts(&[(NS, sa)])))
+            .collect(),
+    );
+    let sts = StsEmulator::start_forwarding(
+        topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap(),
+        keys,
+        trust,
+        Forward {
+            netns: Some(topo.node_ns().to_string()),
+            addr: format!("127.0.0.1:{}", moto.port()).parse().unwrap(),
+        },
+    )
+    .await
+    .unwrap();
+    let dir = testbed::util::TempDir::new("e2e-sdks").unwrap();
     std::fs::create_dir_all(dir.path().join("home")).unwrap();
-    kube.write_kubeconfig(&dir.path().join("kubeconfig"))
+    // The agent's own ServiceAccount token, as the kubelet would project it into its pod.
+    let token = cp
+        .mint_token(AGENT_NS, AGENT_SA, &[API_AUDIENCE], 3600, None)
+        .await
         .unwrap();
-    Bed {
-        topo,
-        _kube: kube,
+    cp.write_kubeconfig(&dir.path().join("kubeconfig"), &token, &cp.url)
+        .unwrap();
+    Some(Bed {
+        cp,
         upstream,
         moto,
+        sts,
         dir,
-    }
+        topo,
+    })
 }
 
 impl Bed {
     /// The agent binary in the node namespace, host mode: its own DNAT for 169.254.169.254 on
-    /// the pods' veths, the fake upstream IMDS, moto as STS.
+    /// the pods' veths, the real apiserver on the namespace's loopback, the fake upstream IMDS,
+    /// the verifying STS.
     fn start_agent(&self) -> tokio::process::Child {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         self.topo
@@ -210,10 +269,7 @@ impl Bed {
             .args(["--host-interface", &self.topo.host_interface_pattern()])
             .args(["--host-ip", &self.topo.node_ip().to_string()])
             .env("AWS_REGION", "us-east-1")
-            .env(
-                "AWS_ENDPOINT_URL_STS",
-                format!("http://127.0.0.1:{}", self.moto.port()),
-            )
+            .env("AWS_ENDPOINT_URL_STS", self.sts.endpoint())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -307,19 +363,13 @@ fn assumed(role: &str, pod: usize) -> String {
     format!("arn:aws:sts::123456789012:assumed-role/{name}/{NS}.app-{pod}")
 }
 
-/// The whole check for one SDK: its own bed, the agent with its host redirect, two pods with
-/// different roles at once, then the roleless pod.
-async fn sdk_gets_its_own_pods_role(sdk: Sdk) {
-    let Some(argv) = sdk.argv_or_skip() else {
-        return;
-    };
+/// One SDK against the running agent: two pods with different roles at once, then the roleless
+/// pod.
+async fn sdk_gets_its_own_pods_role(b: &Bed, sdk: Sdk, argv: &[String]) {
     let name = sdk.name();
-    let b = bed(name).await;
-    let mut agent = b.start_agent();
-    b.wait_ready().await;
-
-    let (r, w) = tokio::join!(b.client(0, sdk, &argv), b.client(1, sdk, &argv));
     let log = || b.agent_log();
+    let tokens_before = b.served("token", "200");
+    let (r, w) = tokio::join!(b.client(0, sdk, argv), b.client(1, sdk, argv));
     assert_eq!(r["ok"], true, "{name} pod 0: {r}\nagent log:\n{}", log());
     assert_eq!(r["arn"], assumed(READER, 0), "{name} pod 0: {r}");
     assert_eq!(w["ok"], true, "{name} pod 1: {w}\nagent log:\n{}", log());
@@ -341,7 +391,7 @@ async fn sdk_gets_its_own_pods_role(sdk: Sdk) {
     // The pod without a role: the agent tells its SDK there is no role (404 on the role list),
     // and the SDK's chain ends with no credentials at all.
     let no_role_before = b.served("role_list", "404");
-    let none = b.client(2, sdk, &argv).await;
+    let none = b.client(2, sdk, argv).await;
     assert_eq!(none["ok"], false, "{name} pod 2: {none}");
     assert!(
         none["error"]
@@ -357,11 +407,70 @@ async fn sdk_gets_its_own_pods_role(sdk: Sdk) {
 
     // IMDSv1 from the old SDKs; IMDSv2 session tokens from the current ones (which were
     // forbidden to fall back to IMDSv1).
-    let tokens = b.served("token", "200");
+    let tokens = b.served("token", "200") - tokens_before;
     if sdk.imds_v2() {
         assert!(tokens >= 2, "{name}: {tokens} IMDSv2 tokens issued");
     } else {
         assert_eq!(tokens, 0, "{name} knows nothing of IMDSv2 tokens");
+    }
+}
+
+#[tokio::test]
+async fn java_and_go_sdks_get_their_own_pods_role_through_the_redirect_and_a_real_apiserver() {
+    let sdks: Vec<(Sdk, Vec<String>)> = [
+        Sdk::JavaLegacy,
+        Sdk::GoLegacy,
+        Sdk::GoCurrent,
+        Sdk::JavaCurrent,
+    ]
+    .into_iter()
+    .filter_map(|sdk| Some((sdk, sdk.argv_or_skip()?)))
+    .collect();
+    if sdks.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let Some(b) = bed().await else { return };
+    let mut agent = b.start_agent();
+    b.wait_ready().await;
+    eprintln!(
+        "bed and agent ready in {} ms",
+        started.elapsed().as_millis()
+    );
+    let log = || b.agent_log();
+
+    for (sdk, argv) in &sdks {
+        sdk_gets_its_own_pods_role(&b, *sdk, argv).await;
+    }
+
+    // Every credential came from a real token of the pod's own ServiceAccount that STS verified
+    // against the apiserver's keys and the role's trust policy; nothing was refused.
+    let calls = b.sts.calls();
+    for (role, sa) in [(READER, "reader"), (WRITER, "writer")] {
+        let mine: Vec<_> = calls.iter().filter(|c| c.role_arn == role).collect();
+        assert!(!mine.is_empty(), "no STS call for {role}");
+        for c in mine {
+            assert_eq!(c.error, None, "STS refused the agent's token for {role}");
+            let (_, claims) = testbed::jwt::decode_unverified(&c.web_identity_token).unwrap();
+            assert_eq!(claims["sub"], format!("system:serviceaccount:{NS}:{sa}"));
+            assert_eq!(claims["iss"], b.cp.issuer);
+        }
+    }
+    // The agent did all of it under the shipped ClusterRole: every request it made as its
+    // ServiceAccount was allowed.
+    let agent_user = format!("system:serviceaccount:{AGENT_NS}:{AGENT_SA}");
+    let audit: Vec<Value> =
+        b.cp.audit_events()
+            .into_iter()
+            .filter(|e| e["user"]["username"] == agent_user.as_str())
+            .collect();
+    assert!(
+        audit.iter().any(|e| e["verb"] == "watch"),
+        "no watch audited"
+    );
+    for e in &audit {
+        let code = e["responseStatus"]["code"].as_i64().unwrap_or(0);
+        assert!(code < 400, "agent request refused: {e}");
     }
 
     // The node's role: never asked for upstream, never handed out.
@@ -381,24 +490,5 @@ async fn sdk_gets_its_own_pods_role(sdk: Sdk) {
         "clean exit after SIGTERM: {status}\n{}",
         log()
     );
-}
-
-#[tokio::test]
-async fn legacy_java_sdk_1_11_gets_its_own_pods_role_through_the_redirect() {
-    sdk_gets_its_own_pods_role(Sdk::JavaLegacy).await;
-}
-
-#[tokio::test]
-async fn legacy_go_sdk_v1_gets_its_own_pods_role_through_the_redirect() {
-    sdk_gets_its_own_pods_role(Sdk::GoLegacy).await;
-}
-
-#[tokio::test]
-async fn current_go_sdk_v2_gets_its_own_pods_role_with_imdsv2() {
-    sdk_gets_its_own_pods_role(Sdk::GoCurrent).await;
-}
-
-#[tokio::test]
-async fn current_java_sdk_v2_gets_its_own_pods_role_with_imdsv2() {
-    sdk_gets_its_own_pods_role(Sdk::JavaCurrent).await;
+    eprintln!("e2e_sdks: {} ms in all", started.elapsed().as_millis());
 }

@@ -109,6 +109,8 @@ impl AgentProc {
             .args(["--upstream-imds", &upstream.url()])
             .arg("--kubeconfig")
             .arg(&kubeconfig)
+            .arg("--cni-socket")
+            .arg(dir.path().join("cni.sock"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
@@ -131,6 +133,27 @@ impl AgentProc {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The CNI plugin's ADD for pod `ns/name` at `ip`, on the agent's registration socket.
+    async fn register(&self, ns: &str, name: &str, ip: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = self.dir.path().join("cni.sock");
+        wait_for(Duration::from_secs(30), || async { sock.exists() })
+            .await
+            .unwrap_or_else(|e| panic!("no CNI socket: {e}; agent log:\n{}", self.log()));
+        let add = irsa_imds_proto::Request::Add(irsa_imds_proto::Add {
+            container_id: format!("sandbox-{ns}-{name}"),
+            namespace: ns.into(),
+            name: name.into(),
+            ips: vec![ip.into()],
+        });
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        s.write_all(&add.encode()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let r = irsa_imds_proto::Response::decode(&out).unwrap();
+        assert!(r.ok, "registration refused: {r:?}");
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -266,6 +289,73 @@ async fn control_plane_plays_kubelet_and_leaves_nothing_running() {
     assert!(!dir.exists(), "{dir:?} left behind");
 }
 
+/// The control plane the netns suites use: etcd and kube-apiserver run inside the node network
+/// namespace, answer there on its loopback (the agent's view), answer the test at the same URL
+/// through the bridge, and leave nothing behind: processes, folder and bridge ports all go.
+#[tokio::test]
+async fn control_plane_in_a_node_namespace_serves_both_sides_and_leaves_nothing_running() {
+    if !testbed::controlplane::binaries_present().unwrap() {
+        return;
+    }
+    if let Err(e) = testbed::netns::require_root() {
+        assert!(!std::env::var("CI").is_ok_and(|v| v == "true"), "{e}");
+        eprintln!("SKIPPED: {e}");
+        return;
+    }
+    let topo = testbed::netns::Topology::new(0).unwrap();
+    let cp = ControlPlane::start_in_netns(topo.node_ns()).await.unwrap();
+    let dir = cp.dir().to_path_buf();
+    let port: u16 = cp.url.rsplit(':').next().unwrap().parse().unwrap();
+
+    // Both servers run in the node's namespace, not the machine's.
+    use std::os::unix::fs::MetadataExt as _;
+    let node_net = std::fs::metadata(format!("/var/run/netns/{}", topo.node_ns()))
+        .unwrap()
+        .ino();
+    let pids = children_with_dir(&dir);
+    assert_eq!(pids.len(), 2, "etcd and kube-apiserver run from {dir:?}");
+    for pid in &pids {
+        let net = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+            .unwrap()
+            .ino();
+        assert_eq!(net, node_net, "process {pid} runs in the node namespace");
+    }
+    // The agent's side: the real kubectl inside the namespace, at the apiserver's URL.
+    let kubectl = testbed::controlplane::bin_dir().join("kubectl");
+    let kubeconfig = cp.admin_kubeconfig();
+    let inside = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        topo.node_ns(),
+        kubectl.to_str().unwrap(),
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "get",
+        "--raw",
+        "/readyz",
+    ])
+    .unwrap();
+    assert_eq!(inside.trim(), "ok");
+    // The test's side, through the bridge: the same URL.
+    cp.create_namespace("bridged").await.unwrap();
+    assert!(
+        cp.kubectl(&["get", "namespace", "bridged", "-o", "name"], None)
+            .await
+            .unwrap()
+            .contains("bridged")
+    );
+    cp.etcd_revision().await.unwrap();
+
+    drop(cp);
+    assert!(children_with_dir(&dir).is_empty(), "processes left running");
+    assert!(!dir.exists(), "{dir:?} left behind");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the bridge still listens on {port}"
+    );
+}
+
 /// Processes whose command line names `dir` (the control plane's own folder).
 fn children_with_dir(dir: &Path) -> Vec<u32> {
     let needle = dir.to_string_lossy().into_owned();
@@ -309,6 +399,9 @@ async fn agent_under_shipped_rbac_serves_each_pods_own_role() {
         .await
         .unwrap();
 
+    // The CNI plugin's ADD for cart-0: the agent confirms it with a direct read of that one pod
+    // (the shipped `get pods`), rather than waiting for the watch.
+    agent.register(ns, "cart-0", "127.0.61.1").await;
     agent.wait_role("127.0.61.1", "cart-role").await;
     let creds = agent.creds("127.0.61.1", "cart-role").await;
     assert_eq!(
@@ -335,6 +428,17 @@ async fn agent_under_shipped_rbac_serves_each_pods_own_role() {
         let code = e["responseStatus"]["code"].as_i64().unwrap_or(0);
         assert!(code < 400, "agent request refused: {e}");
     }
+    wait_for(Duration::from_secs(20), || async {
+        audit_of(&cp, &sa_user(AGENT_SA)).iter().any(|e| {
+            e["verb"] == "get"
+                && e["objectRef"]["resource"] == "pods"
+                && e["objectRef"]["namespace"] == ns
+                && e["objectRef"]["name"] == "cart-0"
+                && e["responseStatus"]["code"] == 200
+        })
+    })
+    .await
+    .expect("the CNI registration was confirmed by a `get` of its pod");
 }
 
 /// Applies `kube-system/<name>`: a ServiceAccount, a ClusterRole with `rules` and the binding.
@@ -354,7 +458,8 @@ async fn apply_agent_identity(cp: &ControlPlane, name: &str, rules: &Value) {
 
 /// Each verb of each rule of the shipped ClusterRole, removed on its own: the agent either exits
 /// or logs the API server's refusal naming that verb and resource, and never serves credentials
-/// it should not. Verbs the agent does not use on these paths are listed (and asserted) below.
+/// it should not. Every verb is used: the pod is also registered through the CNI socket, whose
+/// confirmation is the `get pods`; the STS is dead, so an Event is due (`create events`).
 #[tokio::test]
 async fn agent_missing_any_one_permission_names_it_and_serves_nothing_wrong() {
     let Some(cp) = plane().await else { return };
@@ -374,7 +479,7 @@ async fn agent_missing_any_one_permission_names_it_and_serves_nothing_wrong() {
             cases.push((i, verb.as_str().unwrap().to_string()));
         }
     }
-    assert!(cases.len() >= 7, "shipped rules: {rules:?}");
+    assert!(cases.len() >= 6, "shipped rules: {rules:?}");
 
     for (n, (i, verb)) in cases.iter().enumerate() {
         let resource = rules[*i]["resources"][0].as_str().unwrap().to_string();
@@ -405,10 +510,13 @@ async fn agent_missing_any_one_permission_names_it_and_serves_nothing_wrong() {
         };
         let mut agent = AgentProc::start(&cp, &name, &node, &sts).await;
         let needle = format!("cannot {verb} resource \"{resource}\"");
-        // The CNI confirmation `get pods` and the Event series `patch` are not on these paths:
-        // without them the agent does its job (serves the pod, records the Event).
-        let unused =
-            (verb == "get" && resource == "pods") || (verb == "patch" && resource == "events");
+        // Without `get pods` the registration stays unconfirmed: the agent says why, and serves
+        // the pod once the watch shows it (the right pod, only later).
+        let confirm_only = verb == "get" && resource == "pods";
+        // (Without list or watch the agent exits before it opens its socket.)
+        if resource != "pods" || confirm_only {
+            agent.register(&ns, "app-0", &ip).await;
+        }
         let mut served = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -419,23 +527,15 @@ async fn agent_missing_any_one_permission_names_it_and_serves_nothing_wrong() {
             {
                 served = Some(r.text());
             }
-            let done = if unused {
-                if resource == "events" {
-                    event_recorded(&cp, &ns, "app-0").await
-                } else {
-                    served.is_some()
-                }
-            } else {
-                agent.log().replace('\\', "").contains(&needle)
-            };
-            if done {
+            let named = agent.log().replace('\\', "").contains(&needle);
+            if named && (!confirm_only || served.is_some()) {
                 break;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "without {verb} {resource}: {}; agent log:\n{}",
-                if unused {
-                    "the agent did not do its job"
+                if named {
+                    "the watch never served the pod"
                 } else {
                     "no log line names it"
                 },
@@ -444,8 +544,11 @@ async fn agent_missing_any_one_permission_names_it_and_serves_nothing_wrong() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let log = agent.log();
-        if unused {
-            assert!(!log.replace('\\', "").contains("forbidden"), "{log}");
+        if confirm_only {
+            assert!(
+                agent.exited().is_none(),
+                "the watch still works; log:\n{log}"
+            );
             continue;
         }
         // Without what it needs to read roles or mint tokens, nothing is served.

@@ -27,6 +27,19 @@ pub enum PodSourceError {
     },
 }
 
+impl PodSourceError {
+    /// The API server's refusal (403: the agent's RBAC lacks `get pods`), naming what it refused.
+    pub fn forbidden(&self) -> Option<&str> {
+        match self {
+            PodSourceError::Read {
+                source: kube::Error::Api(s),
+                ..
+            } if s.code == 403 => Some(&s.message),
+            PodSourceError::Read { .. } => None,
+        }
+    }
+}
+
 /// One pod by name, as the API server has it now (`None`: it does not exist).
 pub trait PodSource: Send + Sync {
     fn pod<'a>(
@@ -106,11 +119,19 @@ pub async fn confirm(
                 return None;
             }
             Err(e) => {
+                if let Some(refusal) = e.forbidden() {
+                    // Retrying cannot help; the watch still identifies the pod, only later.
+                    tracing::warn!(pod = %reg.name, namespace = %reg.namespace, error = %refusal,
+                        "cannot confirm the CNI registration: the API server refuses to read the pod");
+                    return None;
+                }
                 tracing::debug!(error = %e, attempt, "cannot read registered pod; retrying");
                 tokio::time::sleep(RETRY_BASE * 2u32.pow(attempt)).await;
             }
         }
     }
+    tracing::warn!(pod = %reg.name, namespace = %reg.namespace,
+        "cannot confirm the CNI registration; the watch will identify the pod");
     None
 }
 
