@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use irsa_imds_agent::Config;
 use irsa_imds_agent::identity::{
     AssumeRequest, CacheSettings, Clock, CredentialCache, Credentials, IdentityError, RoleExchange,
-    RoleSpec, Secret, TokenMinter,
+    RoleSource, RoleSpec, Secret, TokenMinter,
 };
 use irsa_imds_agent::pods::PodInfo;
 use irsa_imds_agent::telemetry::Metrics;
@@ -120,6 +120,7 @@ fn pod(i: usize, generation: usize) -> Arc<PodInfo> {
         ips: vec![format!("10.0.{}.{}", i / 250, 1 + i % 250).parse().unwrap()],
         host_network: false,
         terminal: false,
+        kube2iam_role: None,
     })
 }
 
@@ -129,6 +130,7 @@ fn role(pod: &PodInfo) -> Arc<RoleSpec> {
         audience: "sts.amazonaws.com".into(),
         token_expiration_secs: 600,
         regional_sts: true,
+        source: RoleSource::ServiceAccount,
     })
 }
 

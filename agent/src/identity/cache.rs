@@ -827,12 +827,14 @@ mod tests {
             ips: vec!["10.0.0.1".parse().unwrap()],
             host_network: false,
             terminal: false,
+            kube2iam_role: None,
         });
         let role = Arc::new(RoleSpec {
             role_arn: "arn:aws:iam::123456789012:role/app".into(),
             audience: "sts.amazonaws.com".into(),
             token_expiration_secs: 600,
             regional_sts: true,
+            source: crate::identity::RoleSource::ServiceAccount,
         });
         Bed {
             cache,

@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use crate::pods::PodInfo;
 
 pub use cache::{CacheSettings, CredentialCache, Served};
-pub use roles::{RoleResolver, RoleSpec};
+pub use roles::{RoleGrant, RoleResolver, RoleSource, RoleSpec};
 
 /// A string that never shows itself in `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]

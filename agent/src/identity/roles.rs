@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use super::{IdentityError, ServiceAccounts};
+use crate::pods::PodInfo;
 
 pub const AUDIENCE_ANNOTATION: &str = "eks.amazonaws.com/audience";
 pub const TOKEN_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
@@ -17,13 +18,54 @@ pub const REGIONAL_STS_ANNOTATION: &str = "eks.amazonaws.com/sts-regional-endpoi
 /// The TokenRequest API's minimum; the token is used once, right away, and never leaves the agent.
 pub const MIN_TOKEN_EXPIRATION: i64 = 600;
 
-/// The role a ServiceAccount grants and how to ask for it.
+/// The role a pod is granted and how to ask for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoleSpec {
     pub role_arn: String,
     pub audience: String,
     pub token_expiration_secs: i64,
     pub regional_sts: bool,
+    /// Where the role came from (logs, `explain`).
+    pub source: RoleSource,
+}
+
+/// Which of the operator's sources named a pod's role; the first that names one wins, in this
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoleSource {
+    /// The ServiceAccount's `eks.amazonaws.com/role-arn` (the IRSA way).
+    ServiceAccount,
+    /// kube2iam migration mode: the pod's `iam.amazonaws.com/role`.
+    PodAnnotation,
+    /// `--default-role`, for pods that name none.
+    Default,
+}
+
+impl RoleSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            RoleSource::ServiceAccount => "service_account",
+            RoleSource::PodAnnotation => "pod_annotation",
+            RoleSource::Default => "default_role",
+        }
+    }
+}
+
+/// What a pod is granted: a role, or why none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleGrant {
+    Role(Arc<RoleSpec>),
+    /// Nothing names a role for this pod (and there is no default role).
+    NoRole,
+    /// kube2iam mode with namespace restrictions: the pod's annotation names a role its
+    /// namespace does not allow.
+    NotAllowed {
+        role_arn: String,
+    },
+    /// kube2iam mode: the pod's annotation cannot be made into a role ARN.
+    Invalid {
+        reason: String,
+    },
 }
 
 impl RoleSpec {
@@ -169,7 +211,18 @@ impl RoleResolver {
             regional_sts: a
                 .get(REGIONAL_STS_ANNOTATION)
                 .is_none_or(|v| v.trim() != "false"),
+            source: RoleSource::ServiceAccount,
         })
+    }
+
+    /// What `pod` is granted: its ServiceAccount's role, else none.
+    pub async fn grant(&self, pod: &PodInfo) -> Result<RoleGrant, IdentityError> {
+        Ok(
+            match self.resolve(&pod.namespace, &pod.service_account).await? {
+                Some(role) => RoleGrant::Role(role),
+                None => RoleGrant::NoRole,
+            },
+        )
     }
 
     /// Forgets a ServiceAccount so its next read goes to the API.

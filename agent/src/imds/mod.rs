@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode};
 
 pub use respond::{
-    Answer, Callers, CredentialSource, Decision, Protocol, RequestHead, Roles, Seams,
+    Answer, Callers, CredentialSource, Decision, Protocol, Refusal, RequestHead, Roles, Seams,
 };
 pub use token::{TokenAuthority, TokenError};
 

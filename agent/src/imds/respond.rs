@@ -16,7 +16,7 @@ use tracing::field::Empty;
 use super::{
     Policy, Reply, Route, TTL_HEADER, TokenAuthority, UpstreamPath, route, session_token, wire,
 };
-use crate::identity::{Clock, IdentityError, RoleSpec, Served};
+use crate::identity::{Clock, IdentityError, RoleGrant, RoleSpec, Served};
 use crate::pods::{Lookup, PodInfo};
 
 /// Who is calling: the pod at a source address. May wait, bounded, for a pod not known yet.
@@ -24,12 +24,10 @@ pub trait Callers: Send + Sync {
     fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup>;
 }
 
-/// Which role a pod's ServiceAccount grants; `None` when it names none.
+/// Which role a pod is granted (its ServiceAccount's, else in kube2iam mode its annotation's,
+/// else the default role), or why none.
 pub trait Roles: Send + Sync {
-    fn role_of<'a>(
-        &'a self,
-        pod: &'a PodInfo,
-    ) -> BoxFuture<'a, Result<Option<Arc<RoleSpec>>, IdentityError>>;
+    fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, Result<RoleGrant, IdentityError>>;
 }
 
 /// Which credentials a pod is served for its role.
@@ -70,6 +68,88 @@ pub enum Answer {
 pub struct Decision {
     pub route: &'static str,
     pub answer: Answer,
+    /// Why the caller was told 404 (or, for a session token, 403) when it was refused for who
+    /// it is or what it may have, rather than for the path it asked: logged, and counted.
+    pub refused: Option<Refusal>,
+}
+
+/// Why a caller gets no credentials: a fixed set, so each is a metric label and a log reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// No pod of this node holds the source address (or not yet, after the bounded wait).
+    UnknownSource,
+    /// Two live pods claim the source address: refused rather than guessed.
+    Ambiguous,
+    /// The source address is the node's own (hostNetwork pods share it).
+    HostNetwork,
+    /// The pod at the address has ended (or went away while it was answered).
+    Terminal,
+    /// Nothing names a role for the pod, and there is no default role.
+    NoRole,
+    /// kube2iam mode: the pod's annotation names a role its namespace does not allow.
+    RoleNotAllowed,
+    /// kube2iam mode: the pod's annotation cannot be made into a role ARN.
+    InvalidRole,
+    /// The pod asked for credentials of a role name that is not its role's.
+    WrongRoleName,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 8] = [
+        Refusal::UnknownSource,
+        Refusal::Ambiguous,
+        Refusal::HostNetwork,
+        Refusal::Terminal,
+        Refusal::NoRole,
+        Refusal::RoleNotAllowed,
+        Refusal::InvalidRole,
+        Refusal::WrongRoleName,
+    ];
+
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            Refusal::UnknownSource => "unknown_source",
+            Refusal::Ambiguous => "ambiguous",
+            Refusal::HostNetwork => "host_network",
+            Refusal::Terminal => "terminal",
+            Refusal::NoRole => "no_role",
+            Refusal::RoleNotAllowed => "role_not_allowed",
+            Refusal::InvalidRole => "invalid_role",
+            Refusal::WrongRoleName => "wrong_role_name",
+        }
+    }
+
+    /// The reason in words, for the log line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Refusal::UnknownSource => "no pod of this node has the source address",
+            Refusal::Ambiguous => "two live pods claim the source address",
+            Refusal::HostNetwork => "the source address is the node's (hostNetwork)",
+            Refusal::Terminal => "the pod at the source address has ended",
+            Refusal::NoRole => {
+                "no role: the service account names none and there is no default role"
+            }
+            Refusal::RoleNotAllowed => {
+                "the pod's role is not in its namespace's iam.amazonaws.com/allowed-roles"
+            }
+            Refusal::InvalidRole => "the pod's iam.amazonaws.com/role is not a valid role",
+            Refusal::WrongRoleName => {
+                "credentials asked for a role name that is not the pod's role"
+            }
+        }
+    }
+
+    /// The refusal for a caller that is not exactly one live pod.
+    fn of_lookup(lookup: &Lookup) -> Option<Refusal> {
+        match lookup {
+            Lookup::Found(_) => None,
+            Lookup::Unknown | Lookup::Pending => Some(Refusal::UnknownSource),
+            Lookup::Ambiguous => Some(Refusal::Ambiguous),
+            Lookup::HostNetwork => Some(Refusal::HostNetwork),
+            Lookup::Terminal => Some(Refusal::Terminal),
+        }
+    }
 }
 
 /// What a pod is told when its role cannot be assumed. Fixed: the cause (which may name the
@@ -81,9 +161,10 @@ pub const ASSUME_ROLE_FAILED: &str =
 const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
 /// Credential sets remembered as audited; beyond that the oldest may be audited twice.
 const AUDIT_CAPACITY: u64 = 100_000;
-/// One "not identified" line per source address per this long.
-const UNKNOWN_CALLER_LOG_EVERY: Duration = Duration::from_secs(60);
-const UNKNOWN_CALLER_SOURCES: u64 = 10_000;
+/// One refusal line per source address and reason per this long (except the routine "no role",
+/// at debug): neither a stranger nor a pod in a retry loop can grow the log per request.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+const REFUSAL_LOG_KEYS: u64 = 10_000;
 
 /// The protocol's state: the session-token key, the operator's choices, and what has been
 /// audited already (so logs grow with credential sets and callers, not with requests).
@@ -92,8 +173,8 @@ pub struct Protocol {
     policy: Policy,
     /// (pod uid, access key id) hashes already written to the audit log.
     audited: moka::sync::Cache<u64, ()>,
-    /// Source addresses whose refusal was logged recently.
-    refused_logged: moka::sync::Cache<IpAddr, ()>,
+    /// Source addresses and reasons whose refusal was logged recently.
+    refused_logged: moka::sync::Cache<(IpAddr, Refusal), ()>,
 }
 
 impl std::fmt::Debug for Protocol {
@@ -115,8 +196,8 @@ impl Protocol {
                 .time_to_live(AUDIT_MEMORY)
                 .build(),
             refused_logged: moka::sync::Cache::builder()
-                .max_capacity(UNKNOWN_CALLER_SOURCES)
-                .time_to_live(UNKNOWN_CALLER_LOG_EVERY)
+                .max_capacity(REFUSAL_LOG_KEYS)
+                .time_to_live(REFUSAL_LOG_EVERY)
                 .build(),
         }
     }
@@ -147,36 +228,82 @@ impl Protocol {
             Err(reply) => Decision {
                 route: "rejected",
                 answer: Answer::Reply(reply),
+                refused: None,
             },
             Ok(route) => {
                 let label = route.metric_label();
                 tracing::Span::current().record("route", label);
+                let (answer, refused) = match self.serve(route, head, ip, seams).await {
+                    Outcome::Answer(a) => (a, None),
+                    Outcome::Refused(why, detail) => {
+                        self.log_refusal(ip, why, detail.as_deref());
+                        (Answer::Reply(Reply::not_found()), Some(why))
+                    }
+                    Outcome::TokenRefused(why) => {
+                        self.log_refusal(ip, why, None);
+                        (
+                            Answer::Reply(Reply::status(StatusCode::FORBIDDEN)),
+                            Some(why),
+                        )
+                    }
+                };
                 Decision {
                     route: label,
-                    answer: self.serve(route, head, ip, seams).await,
+                    answer,
+                    refused,
                 }
             }
         }
     }
 
-    async fn serve(&self, route: Route, head: RequestHead<'_>, ip: IpAddr, s: Seams<'_>) -> Answer {
+    /// Logs a refusal with its reason; the span names the pod when it is known. The routine "no
+    /// role" goes at debug; the rest at info, once a minute per source address and reason.
+    fn log_refusal(&self, ip: IpAddr, why: Refusal, detail: Option<&str>) {
+        if why == Refusal::NoRole {
+            tracing::debug!(reason = why.metric_label(), "not found: {}", why.describe());
+            return;
+        }
+        if self.refused_logged.contains_key(&(ip, why)) {
+            return;
+        }
+        self.refused_logged.insert((ip, why), ());
+        match detail {
+            Some(detail) => tracing::info!(
+                reason = why.metric_label(),
+                detail,
+                "refused: {} (logged once a minute per source and reason)",
+                why.describe()
+            ),
+            None => tracing::info!(
+                reason = why.metric_label(),
+                "refused: {} (logged once a minute per source and reason)",
+                why.describe()
+            ),
+        }
+    }
+
+    async fn serve(
+        &self,
+        route: Route,
+        head: RequestHead<'_>,
+        ip: IpAddr,
+        s: Seams<'_>,
+    ) -> Outcome {
         // A caller that is not exactly one pod of this node gets nothing: no session token, no
         // passthrough, no credentials.
-        let pod = match s.callers.identify(ip).await {
-            Lookup::Found(pod) => pod,
-            other => {
-                // Rate-limited per source: an unknown caller cannot grow the log per request.
-                if !self.refused_logged.contains_key(&ip) {
-                    self.refused_logged.insert(ip, ());
-                    tracing::info!(
-                        result = other.metric_label(),
-                        "caller not identified; refused (logged once a minute per source)"
-                    );
-                }
-                return Answer::Reply(match route {
-                    Route::IssueToken { .. } => Reply::status(StatusCode::FORBIDDEN),
-                    _ => Reply::not_found(),
-                });
+        let lookup = s.callers.identify(ip).await;
+        let pod = match (lookup, &route) {
+            (Lookup::Found(pod), _) => pod,
+            (other, Route::IssueToken { .. }) => {
+                return Outcome::TokenRefused(
+                    Refusal::of_lookup(&other).unwrap_or(Refusal::UnknownSource),
+                );
+            }
+            (other, _) => {
+                return Outcome::Refused(
+                    Refusal::of_lookup(&other).unwrap_or(Refusal::UnknownSource),
+                    None,
+                );
             }
         };
         let span = tracing::Span::current();
@@ -186,7 +313,7 @@ impl Protocol {
         // Read after the (bounded) wait for the caller, so a token's expiry is checked now.
         let now = s.clock.now();
         if let Route::IssueToken { ttl } = route {
-            return Answer::Reply(match self.tokens.issue(&pod.uid, ttl, now) {
+            return Outcome::Answer(Answer::Reply(match self.tokens.issue(&pod.uid, ttl, now) {
                 Ok(t) => {
                     let mut r = Reply::ok(t);
                     r.headers.push((TTL_HEADER, ttl.to_string()));
@@ -196,36 +323,42 @@ impl Protocol {
                     tracing::error!(error = %e, "cannot issue session token");
                     Reply::status(StatusCode::INTERNAL_SERVER_ERROR)
                 }
-            });
+            }));
         }
         match session_token(head.headers) {
             Some(t) if self.tokens.verify(t, &pod.uid, now).is_err() => {
-                return Answer::Reply(Reply::status(StatusCode::UNAUTHORIZED));
+                return Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED));
             }
             Some(_) => {}
             None if self.policy.v2_required => {
-                return Answer::Reply(Reply::status(StatusCode::UNAUTHORIZED));
+                return Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED));
             }
             None => {}
         }
         if let Route::Upstream { path } = route {
-            return Answer::Upstream { path };
+            return Outcome::Answer(Answer::Upstream { path });
         }
         let role = match s.roles.role_of(&pod).await {
-            Ok(Some(role)) => role,
-            Ok(None) => return Answer::Reply(Reply::not_found()),
+            Ok(RoleGrant::Role(role)) => role,
+            Ok(RoleGrant::NoRole) => return Outcome::Refused(Refusal::NoRole, None),
+            Ok(RoleGrant::NotAllowed { role_arn }) => {
+                return Outcome::Refused(Refusal::RoleNotAllowed, Some(role_arn));
+            }
+            Ok(RoleGrant::Invalid { reason }) => {
+                return Outcome::Refused(Refusal::InvalidRole, Some(reason));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read service account");
-                return Answer::Reply(Reply::status(StatusCode::INTERNAL_SERVER_ERROR));
+                return Outcome::reply(Reply::status(StatusCode::INTERNAL_SERVER_ERROR));
             }
         };
-        Answer::Reply(match route {
-            Route::IamIndex => Reply::ok("info\nsecurity-credentials/"),
-            Route::RoleList => Reply::ok(role.role_name().to_string()),
-            Route::Info => Reply::ok(wire::info(&role.role_arn, now)),
+        match route {
+            Route::IamIndex => Outcome::reply(Reply::ok("info\nsecurity-credentials/")),
+            Route::RoleList => Outcome::reply(Reply::ok(role.role_name().to_string())),
+            Route::Info => Outcome::reply(Reply::ok(wire::info(&role.role_arn, now))),
             Route::Credentials { name } if name == role.role_name() => {
                 if *head.method == Method::HEAD {
-                    return Answer::Reply(Reply::ok(Bytes::new()));
+                    return Outcome::reply(Reply::ok(Bytes::new()));
                 }
                 let got = s.credentials.credentials(&pod, &role).await;
                 if let Ok(served) = &got
@@ -234,21 +367,45 @@ impl Protocol {
                     let c = &served.creds;
                     tracing::info!(
                         target: "audit",
-                        role = %role.role_arn, source_ip = %ip, access_key_id = %c.access_key_id,
+                        role = %role.role_arn, role_source = role.source.label(), source_ip = %ip,
+                        access_key_id = %c.access_key_id,
                         expiration = %wire::timestamp(c.expiration), "credentials vended"
                     );
                 }
                 credentials_reply(got, now)
             }
-            _ => Reply::not_found(),
-        })
+            Route::Credentials { name } => Outcome::Refused(
+                Refusal::WrongRoleName,
+                Some(format!(
+                    "asked for {name:?}, the pod's role is {:?}",
+                    role.role_name()
+                )),
+            ),
+            Route::IssueToken { .. } | Route::Upstream { .. } => Outcome::reply(Reply::not_found()),
+        }
+    }
+}
+
+/// What `serve` decided: an answer, or a refusal (404; 403 for a session token) and its reason.
+enum Outcome {
+    Answer(Answer),
+    Refused(Refusal, Option<String>),
+    TokenRefused(Refusal),
+}
+
+impl Outcome {
+    fn reply(r: Reply) -> Outcome {
+        Outcome::Answer(Answer::Reply(r))
     }
 }
 
 /// The credentials reply; the audit line (once per credential set and pod) is written by the
 /// caller, and every serve is counted in `irsa_imds_requests_total{route="credentials"}`.
-fn credentials_reply(got: Result<Arc<Served>, IdentityError>, now: std::time::SystemTime) -> Reply {
-    match got {
+fn credentials_reply(
+    got: Result<Arc<Served>, IdentityError>,
+    now: std::time::SystemTime,
+) -> Outcome {
+    Outcome::reply(match got {
         // Rendered once per credential set, then shared by every request it answers.
         Ok(served) => Reply::ok(served.body(|c| {
             Bytes::from(wire::credentials(
@@ -260,14 +417,14 @@ fn credentials_reply(got: Result<Arc<Served>, IdentityError>, now: std::time::Sy
             ))
         })),
         // The pod went away while we asked: it has no credentials any more.
-        Err(IdentityError::PodGone { .. }) => Reply::not_found(),
+        Err(IdentityError::PodGone { .. }) => return Outcome::Refused(Refusal::Terminal, None),
         // What EC2 answers for a role it cannot assume: SDKs report it instead of retrying.
         Err(e) if !e.retryable() => {
             tracing::debug!(error = %e, "role cannot be assumed");
             Reply::ok(wire::assume_role_failure(ASSUME_ROLE_FAILED, now))
         }
         Err(_) => Reply::status(StatusCode::SERVICE_UNAVAILABLE),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::*;
-use crate::identity::{Credentials, Secret};
+use crate::identity::{Credentials, RoleSource, Secret};
 use crate::imds::{DEFAULT_UPSTREAM_ALLOW, TOKEN_HEADER};
 
 const ROLE_A: &str = "arn:aws:iam::123456789012:role/team-a/reader";
@@ -28,14 +28,14 @@ impl Callers for FakeCallers {
     }
 }
 
-type RoleAnswer = Result<Option<Arc<RoleSpec>>, IdentityError>;
+type RoleAnswer = Result<RoleGrant, IdentityError>;
 
 struct FakeRoles(Mutex<HashMap<String, RoleAnswer>>);
 
 impl Roles for FakeRoles {
     fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, RoleAnswer> {
         let r = self.0.lock().unwrap().get(&pod.service_account).cloned();
-        Box::pin(async move { r.unwrap_or(Ok(None)) })
+        Box::pin(async move { r.unwrap_or(Ok(RoleGrant::NoRole)) })
     }
 }
 
@@ -82,6 +82,7 @@ fn pod(uid: &str, name: &str, sa: &str, ip: &str) -> Arc<PodInfo> {
         ips: vec![ip.parse().unwrap()],
         host_network: false,
         terminal: false,
+        kube2iam_role: None,
     })
 }
 
@@ -91,6 +92,7 @@ fn role(arn: &str) -> Arc<RoleSpec> {
         audience: "sts.amazonaws.com".into(),
         token_expiration_secs: 3600,
         regional_sts: true,
+        source: RoleSource::ServiceAccount,
     })
 }
 
@@ -134,8 +136,8 @@ fn bed_with(v2_required: bool) -> Bed {
         (HOST_NET.parse().unwrap(), Lookup::HostNetwork),
     ]));
     let roles = FakeRoles(Mutex::new(HashMap::from([
-        ("reader".to_string(), Ok(Some(role(ROLE_A)))),
-        ("writer".to_string(), Ok(Some(role(ROLE_B)))),
+        ("reader".to_string(), Ok(RoleGrant::Role(role(ROLE_A)))),
+        ("writer".to_string(), Ok(RoleGrant::Role(role(ROLE_B)))),
     ])));
     let creds = FakeCreds {
         answers: Mutex::new(HashMap::from([
@@ -583,4 +585,211 @@ async fn decisions_carry_their_route_label() {
         .decide(head(&Method::GET, CREDS), ip, seams)
         .await;
     assert_eq!(d.route, "role_list");
+}
+
+/// Captures what the protocol logs, as the agent's JSON lines.
+#[derive(Clone, Default)]
+struct LogBuf(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
+    type Writer = LogBuf;
+    fn make_writer(&'a self) -> LogBuf {
+        self.clone()
+    }
+}
+
+impl LogBuf {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("log line parses"))
+            .collect()
+    }
+}
+
+impl Bed {
+    async fn refusal(&self, method: Method, path: &str, ip: &str) -> (StatusCode, Option<Refusal>) {
+        let h = HeaderMap::new();
+        let head = RequestHead {
+            method: &method,
+            path,
+            headers: &h,
+        };
+        let seams = Seams {
+            callers: &self.callers,
+            roles: &self.roles,
+            credentials: &self.creds,
+            clock: &self.clock,
+        };
+        let d = self.protocol.decide(head, ip.parse().unwrap(), seams).await;
+        match d.answer {
+            Answer::Reply(r) => (r.status, d.refused),
+            Answer::Upstream { .. } => (StatusCode::OK, d.refused),
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_refusal_has_its_reason_in_the_decision_and_the_log() {
+    let buf = LogBuf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(buf.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+        .event_format(crate::telemetry::json::JsonLine::new("node-1"))
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut b = bed();
+    const TERMINAL: &str = "10.0.0.45";
+    const OUTSIDER: &str = "10.0.0.46";
+    const BADNAME: &str = "10.0.0.47";
+    b.callers
+        .0
+        .insert(TERMINAL.parse().unwrap(), Lookup::Terminal);
+    b.callers.0.insert(
+        OUTSIDER.parse().unwrap(),
+        Lookup::Found(pod("uid-o", "outsider", "kube2iam", OUTSIDER)),
+    );
+    b.callers.0.insert(
+        BADNAME.parse().unwrap(),
+        Lookup::Found(pod("uid-x", "badname", "bad", BADNAME)),
+    );
+    b.roles.0.lock().unwrap().insert(
+        "kube2iam".into(),
+        Ok(RoleGrant::NotAllowed {
+            role_arn: "arn:aws:iam::123456789012:role/admin".into(),
+        }),
+    );
+    b.roles.0.lock().unwrap().insert(
+        "bad".into(),
+        Ok(RoleGrant::Invalid {
+            reason: "a bare role name needs --base-role-arn".into(),
+        }),
+    );
+    let creds_of = |name: &str| format!("{CREDS}{name}");
+    let cases: [(&str, String, Refusal, Option<&str>); 7] = [
+        (STRANGER, creds_of("reader"), Refusal::UnknownSource, None),
+        (HOST_NET, CREDS.to_string(), Refusal::HostNetwork, None),
+        (TERMINAL, creds_of("reader"), Refusal::Terminal, None),
+        (NO_ROLE, CREDS.to_string(), Refusal::NoRole, Some("c")),
+        (POD_A, creds_of("writer"), Refusal::WrongRoleName, Some("a")),
+        (
+            OUTSIDER,
+            CREDS.to_string(),
+            Refusal::RoleNotAllowed,
+            Some("outsider"),
+        ),
+        (
+            BADNAME,
+            CREDS.to_string(),
+            Refusal::InvalidRole,
+            Some("badname"),
+        ),
+    ];
+    for (ip, path, why, pod_name) in &cases {
+        let (status, refused) = b.refusal(Method::GET, path, ip).await;
+        assert_eq!(
+            (status, refused),
+            (StatusCode::NOT_FOUND, Some(*why)),
+            "{ip} {path}"
+        );
+        let lines = buf.lines();
+        let line = lines
+            .iter()
+            .rev()
+            .find(|l| l["reason"] == why.metric_label())
+            .unwrap_or_else(|| panic!("no log line with reason {why:?}: {lines:?}"));
+        assert_eq!(line["source_ip"], *ip, "{line}");
+        assert!(
+            line["message"].as_str().unwrap().contains(why.describe()),
+            "{line}"
+        );
+        match pod_name {
+            Some(name) => assert_eq!(line["pod"], *name, "{line}"),
+            None => assert!(line.get("pod").is_none(), "{line}"),
+        }
+        let level = if *why == Refusal::NoRole {
+            "DEBUG"
+        } else {
+            "INFO"
+        };
+        assert_eq!(line["level"], level, "{line}");
+    }
+    let not_allowed = buf
+        .lines()
+        .into_iter()
+        .find(|l| l["reason"] == "role_not_allowed")
+        .unwrap();
+    assert_eq!(
+        not_allowed["detail"],
+        "arn:aws:iam::123456789012:role/admin"
+    );
+
+    // A stranger's session token request is 403, with the same reason.
+    let (status, refused) = b.refusal(Method::PUT, "/latest/api/token", STRANGER).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "no TTL header: rejected before identity"
+    );
+    assert_eq!(refused, None);
+
+    // Served requests carry no refusal.
+    assert_eq!(
+        b.refusal(Method::GET, CREDS, POD_A).await,
+        (StatusCode::OK, None)
+    );
+
+    // A stranger retrying is logged once a minute, not per request.
+    let before = buf.lines().len();
+    for _ in 0..5 {
+        b.refusal(Method::GET, CREDS, STRANGER).await;
+    }
+    assert_eq!(buf.lines().len(), before);
+}
+
+#[tokio::test]
+async fn a_strangers_token_request_is_403_with_its_reason() {
+    let b = bed();
+    let mut h = HeaderMap::new();
+    h.insert(TTL_HEADER, "60".parse().unwrap());
+    let seams = Seams {
+        callers: &b.callers,
+        roles: &b.roles,
+        credentials: &b.creds,
+        clock: &b.clock,
+    };
+    let head = RequestHead {
+        method: &Method::PUT,
+        path: "/latest/api/token",
+        headers: &h,
+    };
+    let d = b
+        .protocol
+        .decide(head, STRANGER.parse().unwrap(), seams)
+        .await;
+    assert_eq!(
+        d.answer,
+        Answer::Reply(Reply::status(StatusCode::FORBIDDEN))
+    );
+    assert_eq!(d.refused, Some(Refusal::UnknownSource));
+    let head = RequestHead {
+        method: &Method::PUT,
+        path: "/latest/api/token",
+        headers: &h,
+    };
+    let d = b.protocol.decide(head, POD_A.parse().unwrap(), seams).await;
+    assert_eq!(d.refused, None);
 }

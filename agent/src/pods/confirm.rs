@@ -172,6 +172,7 @@ mod tests {
             ips: vec![],
             host_network: false,
             terminal: false,
+            kube2iam_role: None,
         }
     }
 

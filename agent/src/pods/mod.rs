@@ -38,7 +38,15 @@ pub struct PodInfo {
     /// Phase Succeeded or Failed, or being deleted with every container terminated: its IP may
     /// already belong to someone else.
     pub terminal: bool,
+    /// kube2iam's pod annotation (`iam.amazonaws.com/role`): a role name or ARN, used only in
+    /// kube2iam migration mode and only when the ServiceAccount names no role.
+    pub kube2iam_role: Option<String>,
 }
+
+/// kube2iam's pod annotation naming the pod's role (kube2iam's `--iam-role-key` default).
+pub const KUBE2IAM_ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
+/// Longer annotation values are not a role (an ARN is at most 2048 characters).
+const MAX_ROLE_ANNOTATION: usize = 2048;
 
 impl PodInfo {
     /// Trims an API object down to a `PodInfo`; `None` when it lacks what identifies it.
@@ -89,6 +97,13 @@ impl PodInfo {
             ips,
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminal: phase == "Succeeded" || phase == "Failed" || wound_down,
+            kube2iam_role: md
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(KUBE2IAM_ROLE_ANNOTATION))
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+                .map(|v| v.chars().take(MAX_ROLE_ANNOTATION + 1).collect()),
         })
     }
 
@@ -109,6 +124,9 @@ pub enum Lookup {
     Ambiguous,
     /// The IP belongs to hostNetwork pods, i.e. the node itself: refused.
     HostNetwork,
+    /// The only pod known at the IP has ended (Succeeded, Failed, or deleted with its containers
+    /// stopped): its IP may already be someone else's. Not decisive: a new pod may take it.
+    Terminal,
 }
 
 impl Lookup {
@@ -119,6 +137,7 @@ impl Lookup {
             Lookup::Pending => "pending",
             Lookup::Ambiguous => "ambiguous",
             Lookup::HostNetwork => "host_network",
+            Lookup::Terminal => "terminal",
         }
     }
     fn decisive(&self) -> bool {
@@ -331,6 +350,13 @@ impl State {
         match (live.next(), live.next()) {
             (Some(p), None) => Lookup::Found(p.clone()),
             (Some(_), Some(_)) => Lookup::Ambiguous,
+            _ if uids
+                .iter()
+                .filter_map(|u| self.pods.get(u))
+                .any(|p| p.terminal && !self.is_revoked(ip, p)) =>
+            {
+                Lookup::Terminal
+            }
             _ => Lookup::Unknown,
         }
     }
@@ -340,7 +366,7 @@ fn found_if_live(p: &Arc<PodInfo>) -> Lookup {
     if p.host_network {
         Lookup::HostNetwork
     } else if p.terminal {
-        Lookup::Unknown
+        Lookup::Terminal
     } else {
         Lookup::Found(p.clone())
     }
@@ -785,6 +811,7 @@ mod tests {
             ips: ips.iter().map(|s| ip(s)).collect(),
             host_network: false,
             terminal: false,
+            kube2iam_role: None,
         }
     }
 
@@ -821,7 +848,7 @@ mod tests {
         done.terminal = true;
         let changes = idx.upsert(done);
         assert!(matches!(changes.as_slice(), [Change::Gone(_)]));
-        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+        assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Terminal);
     }
 
     #[test]

@@ -234,6 +234,7 @@ mod tests {
             ips: ips.iter().map(|s| ip(s)).collect(),
             host_network: false,
             terminal: false,
+            kube2iam_role: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{Deps, RunError};
 use crate::config::{Config, ImdsV2};
-use crate::identity::{CacheSettings, Clock, CredentialCache, RoleResolver};
+use crate::identity::{CacheSettings, Clock, CredentialCache, RoleGrant, RoleResolver};
 use crate::imds::{Policy, Protocol, TokenAuthority};
 use crate::pods::confirm::{PodSource, confirm};
 use crate::pods::registration::Op;
@@ -77,13 +77,9 @@ impl Agent {
 
     /// Warms the cache for a pod that just appeared, so its first request is a cache hit.
     async fn prefetch(&self, pod: Arc<PodInfo>) {
-        match self
-            .roles
-            .resolve(&pod.namespace, &pod.service_account)
-            .await
-        {
-            Ok(Some(role)) => self.creds.prefetch(&pod, &role).await,
-            Ok(None) => {}
+        match self.roles.grant(&pod).await {
+            Ok(RoleGrant::Role(role)) => self.creds.prefetch(&pod, &role).await,
+            Ok(_) => {}
             Err(e) => {
                 tracing::debug!(pod = %pod.name, error = %e, "prefetch: cannot read service account")
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::agent::Agent;
-use crate::identity::{IdentityError, RoleSpec, Served};
+use crate::identity::{IdentityError, RoleGrant, RoleSpec, Served};
 use crate::imds::{Callers, CredentialSource, Roles, Seams};
 use crate::pods::{Lookup, PodInfo};
 
@@ -33,11 +33,8 @@ impl Callers for Agent {
 }
 
 impl Roles for Agent {
-    fn role_of<'a>(
-        &'a self,
-        pod: &'a PodInfo,
-    ) -> BoxFuture<'a, Result<Option<Arc<RoleSpec>>, IdentityError>> {
-        Box::pin(self.roles.resolve(&pod.namespace, &pod.service_account))
+    fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, Result<RoleGrant, IdentityError>> {
+        Box::pin(self.roles.grant(pod))
     }
 }
 
