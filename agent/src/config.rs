@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::identity::CacheSettings;
+pub use crate::identity::SessionScope;
 use crate::identity::freshness::{
     CREDENTIAL_DURATION_RANGE, DEFAULT_CREDENTIAL_DURATION, DEFAULT_REFRESH_AT, MIN_REFRESH_AT,
+    NEGATIVE_TTL,
 };
 use crate::imds::DEFAULT_UPSTREAM_ALLOW;
 pub use crate::telemetry::LogFormat;
@@ -39,16 +42,6 @@ impl IptablesBackend {
             IptablesBackend::Plain => Backend::Plain,
         }
     }
-}
-
-/// Whose STS session a pod's credentials come from (docs/sts-economy.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SessionScope {
-    /// One session per pod: CloudTrail names the pod.
-    Pod,
-    /// One session per ServiceAccount on this node, shared by its pods here: CloudTrail names the
-    /// ServiceAccount and the node; STS calls stay flat in the number of pods.
-    ServiceAccount,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -237,6 +230,19 @@ pub struct UninstallConfig {
 }
 
 impl Config {
+    /// The credential cache's settings.
+    pub fn cache_settings(&self) -> CacheSettings {
+        CacheSettings {
+            duration: self.credential_duration,
+            refresh_at_remaining: self.refresh_at_remaining,
+            max_concurrent: self.max_concurrent_fetches,
+            rate_per_sec: self.fetch_rate,
+            negative_ttl: NEGATIVE_TTL,
+            scope: self.session_scope,
+            node: self.node_name.clone(),
+        }
+    }
+
     /// Checks what clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         if self.node_name.trim().is_empty() {

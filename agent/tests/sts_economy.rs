@@ -13,8 +13,8 @@ use clap::Parser;
 use futures::future::BoxFuture;
 use irsa_imds_agent::Config;
 use irsa_imds_agent::identity::{
-    AssumeRequest, CacheSettings, Clock, CredentialCache, Credentials, IdentityError, RoleExchange,
-    RoleSource, RoleSpec, Secret, TokenMinter,
+    AssumeRequest, Clock, CredentialCache, Credentials, IdentityError, RoleExchange, RoleSource,
+    RoleSpec, Secret, TokenMinter,
 };
 use irsa_imds_agent::pods::PodInfo;
 use irsa_imds_agent::telemetry::Metrics;
@@ -165,7 +165,7 @@ async fn simulate(scope: &str) -> Day {
         minter.clone(),
         sts.clone(),
         clock.clone(),
-        CacheSettings::from_config(&cfg),
+        cfg.cache_settings(),
         Arc::new(Metrics::new()),
     ));
     let start = clock.now();

@@ -22,14 +22,13 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 
 use super::freshness::{
-    EXPIRY_SKEW, MIN_SERVED_REMAINING, NEGATIVE_TTL, REFRESH_BACKOFF_BASE, REFRESH_BACKOFF_MAX,
-    REFRESH_SPREAD, SHORT_SESSION_GRACE,
+    EXPIRY_SKEW, MIN_SERVED_REMAINING, REFRESH_BACKOFF_BASE, REFRESH_BACKOFF_MAX, REFRESH_SPREAD,
+    SHORT_SESSION_GRACE,
 };
 use super::{
     AssumeRequest, Clock, Credentials, IdentityError, RoleExchange, RoleSpec, TokenMinter,
     outcome_label, session_name,
 };
-use crate::config::{Config, SessionScope};
 use crate::pods::PodInfo;
 use crate::telemetry::Metrics;
 
@@ -49,18 +48,14 @@ pub struct CacheSettings {
     pub node: String,
 }
 
-impl CacheSettings {
-    pub fn from_config(cfg: &Config) -> Self {
-        CacheSettings {
-            duration: cfg.credential_duration,
-            refresh_at_remaining: cfg.refresh_at_remaining,
-            max_concurrent: cfg.max_concurrent_fetches,
-            rate_per_sec: cfg.fetch_rate,
-            negative_ttl: NEGATIVE_TTL,
-            scope: cfg.session_scope,
-            node: cfg.node_name.clone(),
-        }
-    }
+/// Whose STS session a pod's credentials come from (docs/sts-economy.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionScope {
+    /// One session per pod: CloudTrail names the pod.
+    Pod,
+    /// One session per ServiceAccount on this node, shared by its pods here: CloudTrail names the
+    /// ServiceAccount and the node; STS calls stay flat in the number of pods.
+    ServiceAccount,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -18,7 +18,7 @@ use futures::future::BoxFuture;
 
 use crate::pods::PodInfo;
 
-pub use cache::{CacheSettings, CredentialCache, Served};
+pub use cache::{CacheSettings, CredentialCache, Served, SessionScope};
 pub use roles::{RoleGrant, RoleResolver, RoleSource, RoleSpec};
 
 /// A string that never shows itself in `Debug` or `Display`.

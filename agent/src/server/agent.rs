@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{Deps, RunError};
 use crate::config::{Config, ImdsV2};
-use crate::identity::{CacheSettings, Clock, CredentialCache, RoleGrant, RoleResolver};
+use crate::identity::{Clock, CredentialCache, RoleGrant, RoleResolver};
 use crate::imds::{Policy, Protocol, TokenAuthority};
 use crate::pods::confirm::{PodSource, confirm};
 use crate::pods::registration::Op;
@@ -31,7 +31,7 @@ pub(super) struct Agent {
 
 impl Agent {
     pub(super) fn assemble(cfg: &Config, deps: &Deps) -> Result<Agent, RunError> {
-        let settings = CacheSettings::from_config(cfg);
+        let settings = cfg.cache_settings();
         let mut creds = CredentialCache::new(
             deps.tokens.clone(),
             deps.sts.clone(),
