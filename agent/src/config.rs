@@ -229,7 +229,19 @@ pub struct UninstallConfig {
     pub hold: bool,
 }
 
-impl Config {
+/// A configuration [`Config::validate`] accepted: the only form the agent runs with, so nothing
+/// unchecked reaches the wiring. Reads like the [`Config`] it holds.
+#[derive(Debug, Clone)]
+pub struct ValidConfig(Config);
+
+impl std::ops::Deref for ValidConfig {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.0
+    }
+}
+
+impl ValidConfig {
     /// The credential cache's settings.
     pub fn cache_settings(&self) -> CacheSettings {
         CacheSettings {
@@ -242,59 +254,104 @@ impl Config {
             node: self.node_name.clone(),
         }
     }
+}
 
-    /// Checks what clap cannot; the message names the flag.
-    pub fn validate(&self) -> Result<(), String> {
+/// What [`Config::validate`] refuses; each message names the flag.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("--node-name (NODE_NAME) must not be empty")]
+    EmptyNodeName,
+    #[error("--credential-duration must be between 15m and 12h (STS limits), got {}s", .0.as_secs())]
+    CredentialDuration(Duration),
+    #[error(
+        "--refresh-at must be at least 18m: sets are renewed before SDKs come back for them, 15 minutes before expiry"
+    )]
+    RefreshTooLate,
+    #[error("--refresh-at must be less than --credential-duration")]
+    RefreshBeyondSession,
+    #[error("--pod-wait must stay under the SDKs' 1s metadata timeout (at most 950ms)")]
+    PodWaitTooLong,
+    #[error("{0} must be positive")]
+    NotPositive(&'static str),
+    #[error("--max-connections-per-source must not exceed --max-connections")]
+    PerSourceAboveTotal,
+    #[error(
+        "--require-redirect needs --iptables: only the host redirect can be checked here (the per-pod redirect happens inside each pod's namespace)"
+    )]
+    RedirectCheckWithoutIptables,
+    #[error("--upstream-imds must be an http:// URL with a host and no query, got {0:?}")]
+    UpstreamScheme(String),
+    #[error("--upstream-imds {url:?} is not a URL")]
+    UpstreamUrl {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
+    #[error(
+        "--upstream-allow entry {0:?} must be a relative path below /latest/ of [A-Za-z0-9._-] segments, optionally ending in /*"
+    )]
+    UpstreamAllow(String),
+    #[error("--role-annotation must not be empty")]
+    EmptyRoleAnnotation,
+    #[error("--iptables needs --host-ip (HOST_IP), the node address to redirect to")]
+    MissingHostIp,
+    #[error("--host-ip must be an IPv4 address (use --host-ipv6 for IPv6), got {0}")]
+    HostIpNotV4(IpAddr),
+    #[error("--host-interface needs at least one pattern")]
+    NoHostInterface,
+    #[error("--host-interface {0:?} is not an interface name pattern")]
+    HostInterface(String),
+}
+
+impl Config {
+    /// Checks what clap cannot and returns the configuration the agent runs with.
+    pub fn validate(self) -> Result<ValidConfig, ConfigError> {
+        use ConfigError as E;
         if self.node_name.trim().is_empty() {
-            return Err("--node-name (NODE_NAME) must not be empty".into());
+            return Err(E::EmptyNodeName);
         }
         if !CREDENTIAL_DURATION_RANGE.contains(&self.credential_duration) {
-            return Err(format!(
-                "--credential-duration must be between 15m and 12h (STS limits), got {}s",
-                self.credential_duration.as_secs()
-            ));
+            return Err(E::CredentialDuration(self.credential_duration));
         }
         if self.refresh_at_remaining < MIN_REFRESH_AT {
-            return Err(
-                "--refresh-at must be at least 18m: sets are renewed before SDKs come back for them, 15 minutes before expiry"
-                    .into(),
-            );
+            return Err(E::RefreshTooLate);
         }
         if self.refresh_at_remaining >= self.credential_duration {
-            return Err("--refresh-at must be less than --credential-duration".into());
+            return Err(E::RefreshBeyondSession);
         }
-        if self.pod_wait > Duration::from_millis(950) {
-            return Err(
-                "--pod-wait must stay under the SDKs' 1s metadata timeout (at most 950ms)".into(),
-            );
+        if self.pod_wait > MAX_POD_WAIT {
+            return Err(E::PodWaitTooLong);
         }
-        if self.sa_cache_ttl.is_zero() {
-            return Err("--sa-cache-ttl must be positive".into());
-        }
-        if self.max_concurrent_fetches == 0 || self.fetch_rate == 0 {
-            return Err("--max-concurrent-fetches and --fetch-rate must be positive".into());
-        }
-        if self.max_connections == 0 || self.max_connections_per_source == 0 {
-            return Err(
-                "--max-connections and --max-connections-per-source must be positive".into(),
-            );
+        for (flag, zero) in [
+            ("--sa-cache-ttl", self.sa_cache_ttl.is_zero()),
+            ("--max-concurrent-fetches", self.max_concurrent_fetches == 0),
+            ("--fetch-rate", self.fetch_rate == 0),
+            ("--max-connections", self.max_connections == 0),
+            (
+                "--max-connections-per-source",
+                self.max_connections_per_source == 0,
+            ),
+            (
+                "--cni-chain-resync",
+                self.cni_chain_state.is_some() && self.cni_chain_resync.is_zero(),
+            ),
+            (
+                "--iptables-resync",
+                self.iptables && self.iptables_resync.is_zero(),
+            ),
+        ] {
+            if zero {
+                return Err(E::NotPositive(flag));
+            }
         }
         if self.max_connections_per_source > self.max_connections {
-            return Err("--max-connections-per-source must not exceed --max-connections".into());
+            return Err(E::PerSourceAboveTotal);
         }
         if self.require_redirect && !self.iptables {
-            return Err(
-                "--require-redirect needs --iptables: only the host redirect can be checked here \
-                 (the per-pod redirect happens inside each pod's namespace)"
-                    .into(),
-            );
+            return Err(E::RedirectCheckWithoutIptables);
         }
-        if !self.upstream_imds.starts_with("http://") {
-            return Err(format!(
-                "--upstream-imds must be an http:// URL, got {:?}",
-                self.upstream_imds
-            ));
-        }
+        check_upstream_url(&self.upstream_imds)?;
         for p in &self.upstream_allow {
             let body = p.strip_suffix("/*").unwrap_or(p);
             if body.is_empty()
@@ -303,35 +360,20 @@ impl Config {
                     .split('/')
                     .any(|s| s.is_empty() || s == "." || s == "..")
             {
-                return Err(format!(
-                    "--upstream-allow entry {p:?} must be a relative path below /latest/ of \
-                     [A-Za-z0-9._-] segments, optionally ending in /*"
-                ));
+                return Err(E::UpstreamAllow(p.clone()));
             }
         }
-        if self.cni_chain_state.is_some() && self.cni_chain_resync.is_zero() {
-            return Err("--cni-chain-resync must be positive".into());
-        }
         if self.role_annotation.is_empty() {
-            return Err("--role-annotation must not be empty".into());
+            return Err(E::EmptyRoleAnnotation);
         }
         if self.iptables {
             match self.host_ip {
                 Some(IpAddr::V4(_)) => {}
-                Some(IpAddr::V6(_)) => {
-                    return Err(
-                        "--host-ip must be an IPv4 address (use --host-ipv6 for IPv6)".into(),
-                    );
-                }
-                None => {
-                    return Err(
-                        "--iptables needs --host-ip (HOST_IP), the node address to redirect to"
-                            .into(),
-                    );
-                }
+                Some(ip) => return Err(E::HostIpNotV4(ip)),
+                None => return Err(E::MissingHostIp),
             }
             if self.host_interface.is_empty() {
-                return Err("--host-interface needs at least one pattern".into());
+                return Err(E::NoHostInterface);
             }
             for p in &self.host_interface {
                 // IFNAMSIZ: 15 characters; `+` is iptables' wildcard suffix.
@@ -341,17 +383,28 @@ impl Config {
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || "+-_.".contains(c))
                 {
-                    return Err(format!(
-                        "--host-interface {p:?} is not an interface name pattern"
-                    ));
+                    return Err(E::HostInterface(p.clone()));
                 }
             }
-            if self.iptables_resync.is_zero() {
-                return Err("--iptables-resync must be positive".into());
-            }
         }
-        Ok(())
+        Ok(ValidConfig(self))
     }
+}
+
+/// The SDKs give up on the metadata service after 1 s; a held request must be answered before.
+const MAX_POD_WAIT: Duration = Duration::from_millis(950);
+
+/// The passthrough appends `/latest/...` to this base: it must parse as an `http://` URL with a
+/// host and nothing after the path.
+fn check_upstream_url(url: &str) -> Result<(), ConfigError> {
+    let uri: http::Uri = url.parse().map_err(|source| ConfigError::UpstreamUrl {
+        url: url.to_string(),
+        source,
+    })?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.query().is_some() {
+        return Err(ConfigError::UpstreamScheme(url.to_string()));
+    }
+    Ok(())
 }
 
 /// Parses `90s`, `15m`, `1h`, `750ms` or a bare number of seconds.
@@ -382,32 +435,150 @@ mod tests {
         vec!["irsa-imds-agent", "--node-name", "n1"]
     }
 
+    fn check(extra: &[&'static str]) -> Result<ValidConfig, ConfigError> {
+        let mut a = base();
+        a.extend_from_slice(extra);
+        Config::try_parse_from(a).expect("parse").validate()
+    }
+
     #[test]
     fn defaults_validate() {
-        let c = Config::try_parse_from(base()).expect("parse");
-        c.validate().expect("valid");
+        let c = check(&[]).expect("valid");
         assert_eq!(c.listen.port(), 8181);
         assert_eq!(c.upstream_allow.len(), DEFAULT_UPSTREAM_ALLOW.len());
-    }
-
-    #[test]
-    fn iptables_without_host_ip_names_the_flag() {
-        let mut a = base();
-        a.push("--iptables");
-        let c = Config::try_parse_from(a).expect("parse");
-        assert!(c.validate().unwrap_err().contains("--host-ip"));
-    }
-
-    #[test]
-    fn refresh_point_must_come_before_sdks_come_back() {
-        let mut a = base();
-        a.extend(["--refresh-at", "15m"]);
-        let c = Config::try_parse_from(a).expect("parse");
-        assert!(c.validate().unwrap_err().contains("--refresh-at"));
-        let c = Config::try_parse_from(base()).expect("parse");
         assert_eq!(c.refresh_at_remaining, Duration::from_secs(20 * 60));
         assert_eq!(c.session_scope, SessionScope::Pod);
-        assert!(c.validate().is_ok());
+    }
+
+    /// Every refusal, each from the smallest bad input, names the flag at fault.
+    #[test]
+    fn each_bad_setting_is_refused_naming_its_flag() {
+        let ipt: &[&str] = &["--iptables", "--host-ip", "10.0.0.1"];
+        let cases: Vec<(Vec<&'static str>, &str, fn(&ConfigError) -> bool)> = vec![
+            (
+                vec!["--credential-duration", "10m"],
+                "--credential-duration",
+                |e| matches!(e, ConfigError::CredentialDuration(d) if d.as_secs() == 600),
+            ),
+            (
+                vec!["--credential-duration", "13h"],
+                "--credential-duration",
+                |e| matches!(e, ConfigError::CredentialDuration(_)),
+            ),
+            (vec!["--refresh-at", "15m"], "--refresh-at", |e| {
+                matches!(e, ConfigError::RefreshTooLate)
+            }),
+            (
+                vec!["--credential-duration", "20m", "--refresh-at", "20m"],
+                "--credential-duration",
+                |e| matches!(e, ConfigError::RefreshBeyondSession),
+            ),
+            (vec!["--pod-wait", "951ms"], "--pod-wait", |e| {
+                matches!(e, ConfigError::PodWaitTooLong)
+            }),
+            (vec!["--sa-cache-ttl", "0s"], "--sa-cache-ttl", |e| {
+                matches!(e, ConfigError::NotPositive("--sa-cache-ttl"))
+            }),
+            (
+                vec!["--max-concurrent-fetches", "0"],
+                "--max-concurrent-fetches",
+                |e| matches!(e, ConfigError::NotPositive("--max-concurrent-fetches")),
+            ),
+            (vec!["--fetch-rate", "0"], "--fetch-rate", |e| {
+                matches!(e, ConfigError::NotPositive("--fetch-rate"))
+            }),
+            (
+                vec!["--cni-chain-state", "/x", "--cni-chain-resync", "0s"],
+                "--cni-chain-resync",
+                |e| matches!(e, ConfigError::NotPositive("--cni-chain-resync")),
+            ),
+            (
+                [ipt, &["--iptables-resync", "0s"]].concat(),
+                "--iptables-resync",
+                |e| matches!(e, ConfigError::NotPositive("--iptables-resync")),
+            ),
+            (
+                vec!["--upstream-imds", "https://imds"],
+                "--upstream-imds",
+                |e| matches!(e, ConfigError::UpstreamScheme(_)),
+            ),
+            (
+                vec!["--upstream-imds", "http://imds/?a=b"],
+                "--upstream-imds",
+                |e| matches!(e, ConfigError::UpstreamScheme(_)),
+            ),
+            (
+                vec!["--upstream-imds", "http://im ds"],
+                "--upstream-imds",
+                |e| matches!(e, ConfigError::UpstreamUrl { .. }),
+            ),
+            (
+                vec!["--upstream-allow", "a/../b"],
+                "--upstream-allow",
+                |e| matches!(e, ConfigError::UpstreamAllow(_)),
+            ),
+            (vec!["--role-annotation", ""], "--role-annotation", |e| {
+                matches!(e, ConfigError::EmptyRoleAnnotation)
+            }),
+            (vec!["--iptables"], "--host-ip", |e| {
+                matches!(e, ConfigError::MissingHostIp)
+            }),
+            (
+                vec!["--iptables", "--host-ip", "fd00::1"],
+                "--host-ip",
+                |e| matches!(e, ConfigError::HostIpNotV4(_)),
+            ),
+            (
+                [ipt, &["--host-interface", ""]].concat(),
+                "--host-interface",
+                |e| {
+                    matches!(
+                        e,
+                        ConfigError::NoHostInterface | ConfigError::HostInterface(_)
+                    )
+                },
+            ),
+            (
+                [ipt, &["--host-interface", "eth0;reboot"]].concat(),
+                "--host-interface",
+                |e| matches!(e, ConfigError::HostInterface(p) if p == "eth0;reboot"),
+            ),
+            (
+                [ipt, &["--host-interface", "sixteen-chars-xx"]].concat(),
+                "--host-interface",
+                |e| matches!(e, ConfigError::HostInterface(_)),
+            ),
+        ];
+        for (flags, names, is) in cases {
+            let e = check(&flags).expect_err(&format!("{flags:?} must be refused"));
+            assert!(is(&e), "{flags:?}: wrong variant {e:?}");
+            assert!(e.to_string().contains(names), "{flags:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_upstream_url_keeps_its_cause() {
+        let e = check(&["--upstream-imds", "http://im ds"]).expect_err("refused");
+        assert!(std::error::Error::source(&e).is_some(), "{e:?}");
+    }
+
+    #[test]
+    fn blank_node_name_is_refused() {
+        let e = Config::try_parse_from(["irsa-imds-agent", "--node-name", " "])
+            .expect("parse")
+            .validate()
+            .expect_err("refused");
+        assert!(matches!(e, ConfigError::EmptyNodeName), "{e:?}");
+        assert!(e.to_string().contains("--node-name"), "{e}");
+    }
+
+    #[test]
+    fn iptables_without_interfaces_is_refused() {
+        let mut c = Config::try_parse_from(base()).expect("parse");
+        c.iptables = true;
+        c.host_ip = Some(IpAddr::from([10, 0, 0, 1]));
+        c.host_interface.clear();
+        assert!(matches!(c.validate(), Err(ConfigError::NoHostInterface)));
     }
 
     #[test]
@@ -420,20 +591,11 @@ mod tests {
             "*",
             "",
         ] {
-            let mut a = base();
-            a.extend(["--upstream-allow", bad]);
-            let c = Config::try_parse_from(a).expect("parse");
-            assert!(
-                c.validate().unwrap_err().contains("--upstream-allow"),
-                "{bad:?}"
-            );
+            let e = check(&["--upstream-allow", bad]).expect_err(bad);
+            assert!(e.to_string().contains("--upstream-allow"), "{bad:?}");
         }
-        let mut a = base();
-        a.extend(["--upstream-allow", "meta-data/placement/*,meta-data/mac"]);
-        Config::try_parse_from(a)
-            .expect("parse")
-            .validate()
-            .expect("valid");
+        check(&["--upstream-allow", "meta-data/placement/*,meta-data/mac"]).expect("valid");
+        check(&["--upstream-imds", "http://[fd00:ec2::254]:80/"]).expect("valid");
     }
 
     #[test]

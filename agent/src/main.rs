@@ -17,9 +17,10 @@ async fn main() {
     }
     let cfg = Config::parse();
     telemetry::init_logging(cfg.log_format, &cfg.node_name);
-    if let Err(msg) = cfg.validate() {
-        fail(&format!("invalid configuration: {msg}"));
-    }
+    let cfg = match cfg.validate() {
+        Ok(cfg) => cfg,
+        Err(e) => fail(&format!("invalid configuration: {}", chain(&e))),
+    };
     raise_nofile_limit(&cfg);
     // kube and the AWS SDK both pull in rustls; exactly one process-wide provider must be chosen
     // before the first TLS client is built.

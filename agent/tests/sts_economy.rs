@@ -151,6 +151,8 @@ async fn simulate(scope: &str) -> Day {
         "--session-scope",
         scope,
     ])
+    .unwrap()
+    .validate()
     .unwrap();
     let clock = Arc::new(SimClock(Mutex::new(
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),

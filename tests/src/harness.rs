@@ -72,7 +72,10 @@ impl Agent {
             "text",
         ];
         argv.extend_from_slice(args);
-        let cfg = Config::try_parse_from(argv).context("agent flags")?;
+        let cfg = Config::try_parse_from(argv)
+            .context("agent flags")?
+            .validate()
+            .context("agent flags")?;
         let any: SocketAddr = "127.0.0.1:0".parse()?;
         let (imds, ops) = (
             irsa_imds_agent::server::listen(any)?,

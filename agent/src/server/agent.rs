@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Deps, RunError};
-use crate::config::{Config, ImdsV2};
+use crate::config::{ImdsV2, ValidConfig};
 use crate::identity::{Clock, CredentialCache, RoleGrant, RoleResolver};
 use crate::imds::{Policy, Protocol, TokenAuthority};
 use crate::pods::confirm::{PodSource, confirm};
@@ -30,7 +30,7 @@ pub(super) struct Agent {
 }
 
 impl Agent {
-    pub(super) fn assemble(cfg: &Config, deps: &Deps) -> Result<Agent, RunError> {
+    pub(super) fn assemble(cfg: &ValidConfig, deps: &Deps) -> Result<Agent, RunError> {
         let settings = cfg.cache_settings();
         let mut creds = CredentialCache::new(
             deps.tokens.clone(),

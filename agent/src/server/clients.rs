@@ -4,12 +4,12 @@
 use std::sync::Arc;
 
 use super::RunError;
-use crate::config::Config;
+use crate::config::ValidConfig;
 use crate::identity::RoleExchange;
 use crate::identity::sts::SdkSts;
 use crate::upstream::Upstream;
 
-pub(super) async fn kube(cfg: &Config) -> Result<kube::Client, RunError> {
+pub(super) async fn kube(cfg: &ValidConfig) -> Result<kube::Client, RunError> {
     let config = match &cfg.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|source| {
@@ -31,7 +31,7 @@ pub(super) async fn kube(cfg: &Config) -> Result<kube::Client, RunError> {
 }
 
 /// STS in the region the standard settings name, else the node's own (from the real IMDS).
-pub(super) async fn sts(cfg: &Config) -> Result<Arc<dyn RoleExchange>, RunError> {
+pub(super) async fn sts(cfg: &ValidConfig) -> Result<Arc<dyn RoleExchange>, RunError> {
     let region = match std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
     {
         Ok(r) if !r.is_empty() => r,

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-use crate::config::Config;
+use crate::config::ValidConfig;
 use crate::identity::apiserver::ApiServer;
 use crate::identity::cache::FailureHook;
 use crate::identity::{Clock, RoleExchange, ServiceAccounts, SystemClock, TokenMinter};
@@ -42,8 +42,6 @@ pub use wiring::run_with;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
     #[error("cannot bind {what} on {addr}")]
     Bind {
         what: &'static str,
@@ -83,7 +81,7 @@ pub struct Listeners {
 pub const LISTEN_BACKLOG: u32 = 4096;
 
 impl Listeners {
-    pub async fn bind(cfg: &Config) -> Result<Self, RunError> {
+    pub async fn bind(cfg: &ValidConfig) -> Result<Self, RunError> {
         let bind = |what: &'static str, addr: std::net::SocketAddr| async move {
             listen(addr).map_err(|source| RunError::Bind {
                 what,
@@ -159,11 +157,10 @@ impl Deps {
 
 /// Builds the real clients (kubeconfig inference, STS from the standard AWS settings) and runs.
 pub async fn run(
-    cfg: Config,
+    cfg: ValidConfig,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    cfg.validate().map_err(RunError::Config)?;
     let kube = clients::kube(&cfg).await?;
     let sts = clients::sts(&cfg).await?;
     let deps = Deps::from_kube(

@@ -9,13 +9,13 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::RunError;
-use crate::config::Config;
+use crate::config::ValidConfig;
 use crate::netfilter::{NetfilterError, RedirectRule};
 use crate::telemetry::Metrics;
 
 /// Host mode: installs the redirect rules and keeps them reconciled until `stop`.
 pub(super) async fn install_rule(
-    cfg: &Config,
+    cfg: &ValidConfig,
     metrics: &Arc<Metrics>,
     stop: &CancellationToken,
 ) -> Result<(), RunError> {

@@ -14,7 +14,7 @@ use super::agent::Agent;
 use super::gate::{Caps, Gate};
 use super::rule::install_rule;
 use super::{Deps, Listeners, RunError, http, ops};
-use crate::config::Config;
+use crate::config::ValidConfig;
 use crate::identity::freshness::REFRESH_SCAN;
 use crate::pods::registration::{self, Op};
 use crate::pods::state::StateStore;
@@ -71,12 +71,11 @@ fn restore_state(index: &PodIndex, path: &std::path::Path) -> Vec<Registration> 
 /// chain stay, so pods fail closed until an agent is back (only the documented uninstall removes
 /// them).
 pub async fn run_with(
-    cfg: Config,
+    cfg: ValidConfig,
     deps: Deps,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    cfg.validate().map_err(RunError::Config)?;
     let agent = Arc::new(Agent::assemble(&cfg, &deps)?);
     // Saved registrations and revocations go back in before anything is served or watched.
     if let Some(path) = &cfg.state_file {

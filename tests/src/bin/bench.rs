@@ -102,7 +102,7 @@ fn agent_main(flags: &[String]) -> anyhow::Result<()> {
     )?;
     tokio::runtime::Runtime::new()?.block_on(async move {
         telemetry::init_logging(cfg.log_format, &cfg.node_name);
-        cfg.validate().map_err(|e| anyhow!(e))?;
+        let cfg = cfg.validate()?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         let listeners = Listeners::bind(&cfg).await?;
         run(cfg, listeners, stdin_closed()).await?;
