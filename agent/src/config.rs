@@ -450,11 +450,13 @@ mod tests {
         assert_eq!(c.session_scope, SessionScope::Pod);
     }
 
+    type IsVariant = fn(&ConfigError) -> bool;
+
     /// Every refusal, each from the smallest bad input, names the flag at fault.
     #[test]
     fn each_bad_setting_is_refused_naming_its_flag() {
         let ipt: &[&str] = &["--iptables", "--host-ip", "10.0.0.1"];
-        let cases: Vec<(Vec<&'static str>, &str, fn(&ConfigError) -> bool)> = vec![
+        let cases: Vec<(Vec<&'static str>, &str, IsVariant)> = vec![
             (
                 vec!["--credential-duration", "10m"],
                 "--credential-duration",
