@@ -794,6 +794,9 @@ struct Bridge {
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// Both ends of every bridged connection, to shut down on drop.
     open: Arc<Mutex<Vec<std::net::TcpStream>>>,
+    /// The accepting thread, which owns the listener: joined on drop, so the port is closed
+    /// when drop returns.
+    acceptor: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Bridge {
@@ -804,7 +807,7 @@ impl Bridge {
         let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
         let (ns, stop2, open2) = (netns.to_string(), stop.clone(), open.clone());
         let target = SocketAddr::from(([127, 0, 0, 1], port));
-        std::thread::spawn(move || {
+        let acceptor = std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 if stop2.load(std::sync::atomic::Ordering::SeqCst) {
                     return;
@@ -824,7 +827,12 @@ impl Bridge {
                 pipe(&outbound, &inbound);
             }
         });
-        Ok(Bridge { port, stop, open })
+        Ok(Bridge {
+            port,
+            stop,
+            open,
+            acceptor: Some(acceptor),
+        })
     }
 }
 
@@ -842,8 +850,12 @@ fn pipe(from: &std::net::TcpStream, to: &std::net::TcpStream) {
 impl Drop for Bridge {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Wakes the accepting thread, which then sees `stop`.
-        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+        // Wakes the accepting thread, which then sees `stop` and drops the listener.
+        if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && let Some(t) = self.acceptor.take()
+        {
+            let _ = t.join();
+        }
         if let Ok(open) = self.open.lock() {
             for s in open.iter() {
                 let _ = s.shutdown(std::net::Shutdown::Both);
