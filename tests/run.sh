@@ -4,8 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-echo "== dependencies (tests/setup.sh)"
-bash tests/setup.sh
+# The dependencies (tests/setup.sh: Go, Maven, pip and npm, mostly downloads and Go builds on a
+# new machine, seconds when warm) install in the background while the Rust side is checked and
+# built, which needs none of them; the tests wait for them. Their own process group, so a failure
+# below stops them too.
+echo "== dependencies (tests/setup.sh, in the background until the tests)"
+setup_log="$(mktemp -t irsa-imds-setup.XXXXXX)"
+set -m
+bash tests/setup.sh </dev/null >"$setup_log" 2>&1 &
+setup_pid=$!
+set +m
+trap 'if [ -n "$setup_pid" ]; then kill -- -"$setup_pid" 2>/dev/null || true; fi; rm -f "$setup_log"' EXIT
 
 echo "== format"
 cargo fmt --all -- --check
@@ -18,6 +27,16 @@ cargo build --workspace --all-targets --locked
 
 echo "== static CNI plugin (what ships to nodes; tests/build-static-cni.sh)"
 bash tests/build-static-cni.sh
+
+echo "== dependencies (waiting for tests/setup.sh)"
+setup_rc=0
+wait "$setup_pid" || setup_rc=$?
+setup_pid=""
+cat "$setup_log"
+if [ "$setup_rc" -ne 0 ]; then
+  echo "tests/setup.sh failed ($setup_rc)" >&2
+  exit 1
+fi
 
 echo "== tests"
 # Suites run one binary at a time; tests inside a binary run in parallel.
