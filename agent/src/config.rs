@@ -148,6 +148,26 @@ pub struct Config {
     #[arg(long, env = "IRSA_IMDS_REQUIRE_REDIRECT")]
     pub require_redirect: bool,
 
+    /// The region whose STS endpoint is used; without it (and without --default-region), the
+    /// region the upstream IMDS reports.
+    #[arg(long, env = "AWS_REGION")]
+    pub region: Option<String>,
+
+    /// The region used when --region is not given (the variable the AWS CLI reads).
+    #[arg(long, env = "AWS_DEFAULT_REGION")]
+    pub default_region: Option<String>,
+
+    /// STS endpoint instead of the region's (a VPC endpoint, say); the SDK's own
+    /// `AWS_ENDPOINT_URL` is honoured too. Either one also serves the ServiceAccounts that ask
+    /// for the global endpoint.
+    #[arg(long, env = "AWS_ENDPOINT_URL_STS")]
+    pub sts_endpoint: Option<String>,
+
+    /// This agent's own pod: named as the reporting instance of the Kubernetes Events it
+    /// publishes (the manifests set it from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// Kubeconfig file; without it, the usual inference (KUBECONFIG, ~/.kube/config, in-cluster).
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -292,6 +312,16 @@ pub enum ConfigError {
         "--upstream-allow entry {0:?} must be a relative path below /latest/ of [A-Za-z0-9._-] segments, optionally ending in /*"
     )]
     UpstreamAllow(String),
+    #[error("{flag} {value:?} is not an AWS region name (e.g. eu-west-1)")]
+    Region { flag: &'static str, value: String },
+    #[error("--sts-endpoint (AWS_ENDPOINT_URL_STS) must be an http:// or https:// URL, got {0:?}")]
+    StsEndpointScheme(String),
+    #[error("--sts-endpoint (AWS_ENDPOINT_URL_STS) {url:?} is not a URL")]
+    StsEndpointUrl {
+        url: String,
+        #[source]
+        source: http::uri::InvalidUri,
+    },
     #[error("--role-annotation must not be empty")]
     EmptyRoleAnnotation,
     #[error("--iptables needs --host-ip (HOST_IP), the node address to redirect to")]
@@ -363,6 +393,29 @@ impl Config {
                 return Err(E::UpstreamAllow(p.clone()));
             }
         }
+        for (flag, region) in [
+            ("--region (AWS_REGION)", &self.region),
+            (
+                "--default-region (AWS_DEFAULT_REGION)",
+                &self.default_region,
+            ),
+        ] {
+            if let Some(r) = region.as_deref().filter(|r| !is_region_name(r)) {
+                return Err(E::Region {
+                    flag,
+                    value: r.to_string(),
+                });
+            }
+        }
+        if let Some(url) = &self.sts_endpoint {
+            let uri: http::Uri = url.parse().map_err(|source| E::StsEndpointUrl {
+                url: url.clone(),
+                source,
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(E::StsEndpointScheme(url.clone()));
+            }
+        }
         if self.role_annotation.is_empty() {
             return Err(E::EmptyRoleAnnotation);
         }
@@ -393,6 +446,19 @@ impl Config {
 
 /// The SDKs give up on the metadata service after 1 s; a held request must be answered before.
 const MAX_POD_WAIT: Duration = Duration::from_millis(950);
+
+/// `us-east-1`, `cn-north-1`, `us-gov-west-1`: lowercase words and digits joined by dashes. An
+/// empty value counts as not given (an unset variable in a manifest).
+fn is_region_name(r: &str) -> bool {
+    r.is_empty()
+        || (r.len() <= 64
+            && r.split('-').count() >= 3
+            && r.split('-').all(|w| {
+                !w.is_empty()
+                    && w.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            }))
+}
 
 /// The passthrough appends `/latest/...` to this base: it must parse as an `http://` URL with a
 /// host and nothing after the path.
@@ -519,6 +585,24 @@ mod tests {
                 "--upstream-allow",
                 |e| matches!(e, ConfigError::UpstreamAllow(_)),
             ),
+            (
+                vec!["--region", "eu west 1"],
+                "--region",
+                |e| matches!(e, ConfigError::Region { value, .. } if value == "eu west 1"),
+            ),
+            (
+                vec!["--default-region", "EU-WEST-1"],
+                "--default-region",
+                |e| matches!(e, ConfigError::Region { .. }),
+            ),
+            (vec!["--sts-endpoint", "ftp://sts"], "--sts-endpoint", |e| {
+                matches!(e, ConfigError::StsEndpointScheme(_))
+            }),
+            (
+                vec!["--sts-endpoint", "https://st s"],
+                "--sts-endpoint",
+                |e| matches!(e, ConfigError::StsEndpointUrl { .. }),
+            ),
             (vec!["--role-annotation", ""], "--role-annotation", |e| {
                 matches!(e, ConfigError::EmptyRoleAnnotation)
             }),
@@ -598,6 +682,23 @@ mod tests {
         }
         check(&["--upstream-allow", "meta-data/placement/*,meta-data/mac"]).expect("valid");
         check(&["--upstream-imds", "http://[fd00:ec2::254]:80/"]).expect("valid");
+    }
+
+    #[test]
+    fn aws_settings_are_flags() {
+        let c = check(&[
+            "--region",
+            "us-gov-west-1",
+            "--default-region",
+            "",
+            "--sts-endpoint",
+            "https://vpce-1.sts.eu-west-1.vpce.amazonaws.com",
+            "--pod-name",
+            "irsa-imds-x1",
+        ])
+        .expect("valid");
+        assert_eq!(c.region.as_deref(), Some("us-gov-west-1"));
+        assert_eq!(c.pod_name.as_deref(), Some("irsa-imds-x1"));
     }
 
     #[test]

@@ -34,18 +34,10 @@ pub struct SdkSts {
 }
 
 impl SdkSts {
-    /// Builds clients from the standard AWS configuration (`AWS_REGION`, `AWS_ENDPOINT_URL_STS`,
-    /// ...) with the region given explicitly, so the SDK never looks for one in the real IMDS.
-    pub async fn from_env(region: String) -> Self {
-        Self::build(region, None).await
-    }
-
-    /// Like [`from_env`](Self::from_env) with an explicit endpoint (tests, the demo).
-    pub async fn with_endpoint(region: String, endpoint: String) -> Self {
-        Self::build(region, Some(endpoint)).await
-    }
-
-    async fn build(region: String, endpoint: Option<String>) -> Self {
+    /// Clients for `region` (given explicitly, so the SDK never looks for one in the real IMDS),
+    /// at `endpoint` when one is given, else where the SDK's own settings (`AWS_ENDPOINT_URL`)
+    /// or the region say.
+    pub async fn new(region: String, endpoint: Option<String>) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(e) = &endpoint {
             loader = loader.endpoint_url(e);
@@ -63,10 +55,8 @@ impl SdkSts {
             .load()
             .await;
         let regional = aws_sdk_sts::Client::new(&base);
-        let endpoint_overridden = endpoint.is_some()
-            || std::env::var_os("AWS_ENDPOINT_URL_STS").is_some()
-            || std::env::var_os("AWS_ENDPOINT_URL").is_some();
-        let global = if endpoint_overridden {
+        // An endpoint named by the operator serves every ServiceAccount, global ones included.
+        let global = if base.endpoint_url().is_some() {
             regional.clone()
         } else {
             let conf = aws_sdk_sts::config::Builder::from(&base)
@@ -76,6 +66,11 @@ impl SdkSts {
             aws_sdk_sts::Client::from_conf(conf)
         };
         SdkSts { regional, global }
+    }
+
+    /// Like [`new`](Self::new) at an explicit endpoint (tests, the demo).
+    pub async fn with_endpoint(region: String, endpoint: String) -> Self {
+        Self::new(region, Some(endpoint)).await
     }
 }
 

@@ -32,13 +32,18 @@ pub(super) async fn kube(cfg: &ValidConfig) -> Result<kube::Client, RunError> {
 
 /// STS in the region the standard settings name, else the node's own (from the real IMDS).
 pub(super) async fn sts(cfg: &ValidConfig) -> Result<Arc<dyn RoleExchange>, RunError> {
-    let region = match std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
-    {
-        Ok(r) if !r.is_empty() => r,
-        _ => Upstream::new(&cfg.upstream_imds)
+    let named = [&cfg.region, &cfg.default_region]
+        .into_iter()
+        .flatten()
+        .find(|r| !r.is_empty());
+    let region = match named {
+        Some(r) => r.clone(),
+        None => Upstream::new(&cfg.upstream_imds)
             .region()
             .await
             .map_err(RunError::Region)?,
     };
-    Ok(Arc::new(SdkSts::from_env(region).await))
+    Ok(Arc::new(
+        SdkSts::new(region, cfg.sts_endpoint.clone()).await,
+    ))
 }

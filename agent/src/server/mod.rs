@@ -59,7 +59,7 @@ pub enum RunError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("cannot determine the AWS region: set AWS_REGION")]
+    #[error("cannot determine the AWS region: set --region (AWS_REGION)")]
     Region(#[source] crate::upstream::UpstreamError),
     #[error("host redirect rule")]
     Netfilter(#[source] crate::netfilter::NetfilterError),
@@ -163,11 +163,6 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let kube = clients::kube(&cfg).await?;
     let sts = clients::sts(&cfg).await?;
-    let deps = Deps::from_kube(
-        kube,
-        sts,
-        Arc::new(Metrics::new()),
-        std::env::var("POD_NAME").ok(),
-    );
+    let deps = Deps::from_kube(kube, sts, Arc::new(Metrics::new()), cfg.pod_name.clone());
     run_with(cfg, deps, listeners, shutdown).await
 }
