@@ -85,6 +85,41 @@ pub struct Config {
     )]
     pub role_annotation: String,
 
+    /// kube2iam migration mode: a pod whose ServiceAccount names no role gets the role its
+    /// kube2iam annotation `iam.amazonaws.com/role` names (an ARN, or a name under
+    /// --base-role-arn), assumed with the pod's own ServiceAccount token (the role's trust policy
+    /// must trust that ServiceAccount). The ServiceAccount's role always wins.
+    #[arg(long, env = "IRSA_IMDS_KUBE2IAM_ANNOTATIONS")]
+    pub kube2iam_annotations: bool,
+
+    /// kube2iam's --base-role-arn: `arn:aws:iam::<account>:role/` (an optional path may follow),
+    /// prefixed to role names that are not ARNs (in `iam.amazonaws.com/role`,
+    /// `iam.amazonaws.com/allowed-roles` and --default-role).
+    #[arg(long, env = "IRSA_IMDS_BASE_ROLE_ARN")]
+    pub base_role_arn: Option<String>,
+
+    /// kube2iam's --namespace-restrictions (needs --kube2iam-annotations): a pod's annotated role
+    /// must match its namespace's `iam.amazonaws.com/allowed-roles` (a JSON list), else 404.
+    /// Reads namespaces: the ClusterRole needs `get namespaces`.
+    #[arg(long, env = "IRSA_IMDS_NAMESPACE_RESTRICTIONS")]
+    pub namespace_restrictions: bool,
+
+    /// How allowed-roles entries match, as kube2iam's --namespace-restriction-format: `glob`
+    /// (`*` matches anything) or `regexp` (unanchored).
+    #[arg(
+        long,
+        env = "IRSA_IMDS_NAMESPACE_RESTRICTION_FORMAT",
+        value_enum,
+        default_value = "glob"
+    )]
+    pub namespace_restriction_format: crate::identity::kube2iam::RestrictionFormat,
+
+    /// The role of pods that name none (an ARN, or a name under --base-role-arn), assumed with
+    /// the pod's own ServiceAccount token like any other: its trust policy decides which
+    /// ServiceAccounts may have it. Never the node's credentials. Without it such pods get 404.
+    #[arg(long, env = "IRSA_IMDS_DEFAULT_ROLE")]
+    pub default_role: Option<String>,
+
     /// Whether GETs need an IMDSv2 session token.
     #[arg(long, env = "IRSA_IMDS_V2", value_enum, default_value = "optional")]
     pub imds_v2: ImdsV2,
@@ -252,7 +287,15 @@ pub struct UninstallConfig {
 /// A configuration [`Config::validate`] accepted: the only form the agent runs with, so nothing
 /// unchecked reaches the wiring. Reads like the [`Config`] it holds.
 #[derive(Debug, Clone)]
-pub struct ValidConfig(Config);
+pub struct ValidConfig(Config, RolesSetup);
+
+/// The role sources beyond the ServiceAccount, checked: what the role resolver is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolesSetup {
+    pub base: Option<crate::identity::kube2iam::BaseArn>,
+    /// `--default-role` as an ARN (a bare name made one under the base ARN).
+    pub default_role: Option<String>,
+}
 
 impl std::ops::Deref for ValidConfig {
     type Target = Config;
@@ -262,6 +305,11 @@ impl std::ops::Deref for ValidConfig {
 }
 
 impl ValidConfig {
+    /// The base ARN and the default role, checked.
+    pub fn roles(&self) -> &RolesSetup {
+        &self.1
+    }
+
     /// The credential cache's settings.
     pub fn cache_settings(&self) -> CacheSettings {
         CacheSettings {
@@ -324,6 +372,12 @@ pub enum ConfigError {
     },
     #[error("--role-annotation must not be empty")]
     EmptyRoleAnnotation,
+    #[error("--base-role-arn: {0}")]
+    BaseRoleArn(String),
+    #[error("--default-role: {0}")]
+    DefaultRole(String),
+    #[error("--namespace-restrictions needs --kube2iam-annotations")]
+    RestrictionsWithoutKube2iam,
     #[error("--iptables needs --host-ip (HOST_IP), the node address to redirect to")]
     MissingHostIp,
     #[error("--host-ip must be an IPv4 address (use --host-ipv6 for IPv6), got {0}")]
@@ -419,6 +473,7 @@ impl Config {
         if self.role_annotation.is_empty() {
             return Err(E::EmptyRoleAnnotation);
         }
+        self.roles_setup()?;
         if self.iptables {
             match self.host_ip {
                 Some(IpAddr::V4(_)) => {}
@@ -440,7 +495,25 @@ impl Config {
                 }
             }
         }
-        Ok(ValidConfig(self))
+        let roles = self.roles_setup()?;
+        Ok(ValidConfig(self, roles))
+    }
+
+    /// The base ARN and the default role's ARN, checked.
+    fn roles_setup(&self) -> Result<RolesSetup, ConfigError> {
+        use crate::identity::kube2iam::{BaseArn, role_arn};
+        let base = match &self.base_role_arn {
+            Some(b) => Some(BaseArn::parse(b).map_err(ConfigError::BaseRoleArn)?),
+            None => None,
+        };
+        if self.namespace_restrictions && !self.kube2iam_annotations {
+            return Err(ConfigError::RestrictionsWithoutKube2iam);
+        }
+        let default_role = match &self.default_role {
+            Some(r) => Some(role_arn(r, base.as_ref()).map_err(ConfigError::DefaultRole)?),
+            None => None,
+        };
+        Ok(RolesSetup { base, default_role })
     }
 }
 
@@ -512,6 +585,37 @@ mod tests {
         let c = check(&[]).expect("valid");
         assert_eq!(c.listen.port(), 8181);
         assert_eq!(c.upstream_allow.len(), DEFAULT_UPSTREAM_ALLOW.len());
+    }
+
+    #[test]
+    fn kube2iam_flags_are_checked_and_name_the_flag() {
+        let err = |extra: &[&'static str]| check(extra).unwrap_err().to_string();
+        assert!(err(&["--namespace-restrictions"]).contains("--kube2iam-annotations"));
+        assert!(err(&["--base-role-arn", "arn:aws:iam::1:role/"]).contains("--base-role-arn"));
+        assert!(err(&["--default-role", "reader"]).contains("--default-role"));
+        assert!(err(&["--default-role", "arn:aws:s3:::b"]).contains("--default-role"));
+        let ok = check(&[
+            "--kube2iam-annotations",
+            "--namespace-restrictions",
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role",
+            "--default-role",
+            "fallback",
+        ])
+        .unwrap();
+        assert_eq!(
+            ok.roles().default_role.as_deref(),
+            Some("arn:aws:iam::123456789012:role/fallback")
+        );
+        assert_eq!(
+            ok.roles().base.as_ref().map(|b| b.as_str()),
+            Some("arn:aws:iam::123456789012:role/")
+        );
+    }
+
+    #[test]
+    fn refresh_point_defaults() {
+        let c = check(&[]).expect("valid");
         assert_eq!(c.refresh_at_remaining, Duration::from_secs(20 * 60));
         assert_eq!(c.session_scope, SessionScope::Pod);
     }

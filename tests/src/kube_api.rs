@@ -21,7 +21,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestStatus};
-use k8s_openapi::api::core::v1::{Container, Pod, PodIP, PodSpec, PodStatus, ServiceAccount};
+use k8s_openapi::api::core::v1::{
+    Container, Namespace, Pod, PodIP, PodSpec, PodStatus, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
@@ -90,6 +92,8 @@ struct World {
     uid_seq: u64,
     pods: BTreeMap<(String, String), Pod>,
     sas: BTreeMap<(String, String), ServiceAccount>,
+    /// Namespaces the test declared (only their annotations matter to the agent).
+    namespaces: BTreeMap<String, Namespace>,
     history: VecDeque<WatchEvent>,
     /// Watches starting from a resourceVersion below this get 410.
     expired_below: u64,
@@ -227,6 +231,29 @@ impl KubeApi {
             ..Default::default()
         };
         w.sas.insert((ns.into(), name.into()), sa);
+    }
+
+    /// Creates or replaces Namespace `name` with `annotations` (kube2iam's allowed-roles).
+    pub fn apply_namespace(&self, name: &str, annotations: &[(&str, &str)]) {
+        let mut w = lock(&self.inner.world);
+        w.rv += 1;
+        let rv = w.rv;
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                uid: Some(format!("ns-uid-{name}")),
+                resource_version: Some(rv.to_string()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        w.namespaces.insert(name.into(), ns);
     }
 
     pub fn delete_service_account(&self, ns: &str, name: &str) {
@@ -569,6 +596,15 @@ impl Inner {
                 {
                     Some(p) => full(StatusCode::OK, &serde_json::to_value(p).unwrap_or_default()),
                     None => status(404, "NotFound", &format!("pods \"{name}\" not found")),
+                }
+            }
+            (&Method::GET, ["api", "v1", "namespaces", name]) => {
+                match lock(&self.world).namespaces.get(*name) {
+                    Some(ns) => full(
+                        StatusCode::OK,
+                        &serde_json::to_value(ns).unwrap_or_default(),
+                    ),
+                    None => status(404, "NotFound", &format!("namespaces \"{name}\" not found")),
                 }
             }
             (&Method::GET, ["api", "v1", "namespaces", ns, "serviceaccounts", name]) => {

@@ -100,3 +100,237 @@ async fn served_credentials_are_the_ones_sts_issued_for_each_pods_role() {
     assert!(tr.iter().any(|t| t.bound_pod_name == "cart-5d8f"));
     agent.stop().await.unwrap();
 }
+
+const K2I: &str = "iam.amazonaws.com/role";
+const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
+
+/// Captures the agent's log lines (it runs in this test's thread: `current_thread` runtime) as
+/// the agent writes them in a cluster, one JSON object per line.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+impl Logs {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(irsa_imds_agent::telemetry::json::JsonLine::new(NODE))
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The line refusing `pod` for `reason`.
+    fn refusal(&self, pod: &str, reason: &str) -> Option<serde_json::Value> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("log line parses"))
+            .find(|l| l["pod"] == pod && l["reason"] == reason)
+    }
+}
+
+fn annotated(
+    mut p: k8s_openapi::api::core::v1::Pod,
+    k: &str,
+    v: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    p.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(k.into(), v.into());
+    p
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namespace_rules() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    testbed::harness::install_crypto();
+    let moto = Moto::start().await.unwrap();
+    let kube = KubeApi::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    kube.apply_namespace("legacy", &[(ALLOWED, r#"["reader", "team/*"]"#)]);
+    kube.apply_namespace("locked", &[(ALLOWED, r#"["writer"]"#)]);
+    kube.apply_service_account("legacy", "plain", &[]);
+    kube.apply_service_account("locked", "plain", &[]);
+    kube.apply_service_account(
+        "legacy",
+        "irsa",
+        &[(ANN, "arn:aws:iam::123456789012:role/irsa-role")],
+    );
+    let sts = testbed::harness::sdk_sts(moto.endpoint()).await;
+    let agent = Agent::start(
+        &kube,
+        sts,
+        &upstream.url(),
+        &[
+            "--kube2iam-annotations",
+            "--namespace-restrictions",
+            "--base-role-arn",
+            "arn:aws:iam::123456789012:role/",
+        ],
+    )
+    .await
+    .unwrap();
+
+    let reader = pod("legacy", "app-0", NODE, "plain", &["127.0.0.51"]);
+    kube.create_pod(annotated(reader, K2I, "reader"));
+    let outsider = pod("locked", "app-1", NODE, "plain", &["127.0.0.52"]);
+    kube.create_pod(annotated(outsider, K2I, "reader"));
+    let both = pod("legacy", "both-2", NODE, "irsa", &["127.0.0.53"]);
+    kube.create_pod(annotated(both, K2I, "reader"));
+
+    // A bare name under the base ARN, assumed with app-0's own ServiceAccount token.
+    wait_for(Duration::from_secs(15), || async {
+        matches!(agent.get("127.0.0.51", CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == "reader")
+    })
+    .await
+    .unwrap();
+    let creds = agent
+        .get("127.0.0.51", &format!("{CREDS}reader"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        caller_arn(&moto, &creds).await,
+        "arn:aws:sts::123456789012:assumed-role/reader/legacy.app-0"
+    );
+    assert!(
+        kube.token_requests()
+            .iter()
+            .any(|t| t.bound_pod_name == "app-0"
+                && t.namespace == "legacy"
+                && t.service_account == "plain"
+                && t.audiences == vec!["sts.amazonaws.com".to_string()]),
+        "{:?}",
+        kube.token_requests()
+    );
+
+    // The ServiceAccount's role wins over the pod's annotation.
+    wait_for(Duration::from_secs(15), || async {
+        matches!(agent.get("127.0.0.53", CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == "irsa-role")
+    })
+    .await
+    .unwrap();
+    let creds = agent
+        .get("127.0.0.53", &format!("{CREDS}irsa-role"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        caller_arn(&moto, &creds).await,
+        "arn:aws:sts::123456789012:assumed-role/irsa-role/legacy.both-2"
+    );
+    let r = agent
+        .get("127.0.0.53", &format!("{CREDS}reader"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // Namespace "locked" allows only "writer": 404, and the log says why, naming the pod.
+    wait_for(Duration::from_secs(15), || async {
+        logs.refusal("app-1", "role_not_allowed").is_some()
+            || matches!(agent.get("127.0.0.52", CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+    let r = agent.get("127.0.0.52", CREDS).await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let line = logs.refusal("app-1", "role_not_allowed").unwrap();
+    assert_eq!(line["namespace"], "locked");
+    assert_eq!(line["detail"], "arn:aws:iam::123456789012:role/reader");
+    assert_eq!(line["level"], "INFO");
+    assert!(
+        !kube
+            .token_requests()
+            .iter()
+            .any(|t| t.bound_pod_name == "app-1"),
+        "a refused pod costs no token"
+    );
+    agent.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_roleless_pod_gets_the_default_role_only_when_one_is_set() {
+    let logs = Logs::default();
+    let _guard = logs.install();
+    testbed::harness::install_crypto();
+    let moto = Moto::start().await.unwrap();
+    let kube = KubeApi::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    kube.apply_service_account("addons", "plain", &[]);
+    kube.create_pod(pod("addons", "dns-0", NODE, "plain", &["127.0.0.61"]));
+
+    // Without --default-role: 404, and the routine reason at debug, naming the pod.
+    let sts = testbed::harness::sdk_sts(moto.endpoint()).await;
+    let agent = Agent::start(&kube, sts, &upstream.url(), &[])
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(15), || async {
+        logs.refusal("dns-0", "no_role").is_some()
+            || matches!(agent.get("127.0.0.61", CREDS).await, Ok(r) if r.status == StatusCode::OK)
+    })
+    .await
+    .unwrap();
+    let r = agent.get("127.0.0.61", CREDS).await.unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let line = logs.refusal("dns-0", "no_role").unwrap();
+    assert_eq!(line["level"], "DEBUG");
+    assert_eq!(line["namespace"], "addons");
+    agent.stop().await.unwrap();
+
+    // With it: the default role, assumed with the pod's own token.
+    let sts = testbed::harness::sdk_sts(moto.endpoint()).await;
+    let agent = Agent::start(
+        &kube,
+        sts,
+        &upstream.url(),
+        &[
+            "--default-role",
+            "arn:aws:iam::123456789012:role/node-addons",
+        ],
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(15), || async {
+        matches!(agent.get("127.0.0.61", CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == "node-addons")
+    })
+    .await
+    .unwrap();
+    let creds = agent
+        .get("127.0.0.61", &format!("{CREDS}node-addons"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        caller_arn(&moto, &creds).await,
+        "arn:aws:sts::123456789012:assumed-role/node-addons/addons.dns-0"
+    );
+    assert!(
+        kube.token_requests()
+            .iter()
+            .any(|t| t.bound_pod_name == "dns-0" && t.service_account == "plain")
+    );
+    agent.stop().await.unwrap();
+}

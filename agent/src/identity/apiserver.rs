@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::Api;
 use kube::api::PostParams;
 
+use super::kube2iam::Namespaces;
 use super::{IdentityError, Secret, ServiceAccounts, TokenMinter};
 use crate::pods::PodInfo;
 
@@ -46,6 +47,19 @@ impl ServiceAccounts for ApiServer {
             let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
             let sa = api.get_opt(name).await.map_err(kube_error)?;
             Ok(sa.map(|sa| sa.metadata.annotations.unwrap_or_default()))
+        })
+    }
+}
+
+impl Namespaces for ApiServer {
+    fn annotations<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, IdentityError>> {
+        Box::pin(async move {
+            let api: Api<Namespace> = Api::all(self.client.clone());
+            let ns = api.get_opt(name).await.map_err(kube_error)?;
+            Ok(ns.map(|ns| ns.metadata.annotations.unwrap_or_default()))
         })
     }
 }

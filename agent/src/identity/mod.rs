@@ -7,6 +7,7 @@
 pub mod apiserver;
 pub mod cache;
 pub mod freshness;
+pub mod kube2iam;
 pub mod roles;
 pub mod sts;
 

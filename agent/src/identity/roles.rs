@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
+use super::kube2iam::{self, BaseArn, NamespaceRestriction};
 use super::{IdentityError, ServiceAccounts};
 use crate::pods::PodInfo;
 
@@ -116,6 +117,19 @@ pub struct RoleResolver {
     /// What the last reads found, for requests: looked up by `&str` without a lock or an
     /// allocation; an entry is used for `ttl` after its read, like the cache's.
     recent: ArcSwap<Recent>,
+    /// kube2iam migration mode, when on.
+    kube2iam: Option<Kube2iamMode>,
+    /// `--default-role`: for pods that name none.
+    default_role: Option<Arc<RoleSpec>>,
+    /// kube2iam mode's grants by pod uid, with the annotation value they were made for, so a
+    /// request does not rebuild its pod's role; kept for `ttl`, like a ServiceAccount's.
+    pod_grants: moka::sync::Cache<String, Arc<(String, RoleGrant)>>,
+}
+
+/// kube2iam migration mode: the base ARN for bare names, and the namespace restriction if on.
+pub struct Kube2iamMode {
+    pub base: Option<BaseArn>,
+    pub restriction: Option<NamespaceRestriction>,
 }
 
 impl RoleResolver {
@@ -136,6 +150,36 @@ impl RoleResolver {
             ttl,
             cache,
             recent: ArcSwap::from_pointee(Recent::new()),
+            kube2iam: None,
+            default_role: None,
+            pod_grants: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    /// Reads kube2iam's pod annotation for pods whose ServiceAccount names no role.
+    pub fn with_kube2iam(mut self, mode: Kube2iamMode) -> Self {
+        self.kube2iam = Some(mode);
+        self
+    }
+
+    /// Grants `role_arn` to pods that name none (assumed with the pod's own token, like any).
+    pub fn with_default_role(mut self, role_arn: String) -> Self {
+        self.default_role = Some(Arc::new(self.fallback_spec(role_arn, RoleSource::Default)));
+        self
+    }
+
+    /// A role named outside the ServiceAccount: asked for the way an annotated ServiceAccount
+    /// without other annotations would be.
+    fn fallback_spec(&self, role_arn: String, source: RoleSource) -> RoleSpec {
+        RoleSpec {
+            role_arn,
+            audience: self.default_audience.clone(),
+            token_expiration_secs: MIN_TOKEN_EXPIRATION,
+            regional_sts: true,
+            source,
         }
     }
 
@@ -215,14 +259,47 @@ impl RoleResolver {
         })
     }
 
-    /// What `pod` is granted: its ServiceAccount's role, else none.
+    /// What `pod` is granted: its ServiceAccount's role (always first); else, in kube2iam mode,
+    /// the role its annotation names if its namespace allows it; else the default role; else
+    /// none. A refused annotation does not fall back to the default role (kube2iam does not).
     pub async fn grant(&self, pod: &PodInfo) -> Result<RoleGrant, IdentityError> {
-        Ok(
-            match self.resolve(&pod.namespace, &pod.service_account).await? {
-                Some(role) => RoleGrant::Role(role),
-                None => RoleGrant::NoRole,
-            },
-        )
+        if let Some(role) = self.resolve(&pod.namespace, &pod.service_account).await? {
+            return Ok(RoleGrant::Role(role));
+        }
+        if let (Some(mode), Some(value)) = (&self.kube2iam, &pod.kube2iam_role) {
+            if let Some(hit) = self.pod_grants.get(pod.uid.as_str())
+                && hit.0 == *value
+            {
+                return Ok(hit.1.clone());
+            }
+            let grant = self.kube2iam_grant(mode, pod, value).await?;
+            self.pod_grants
+                .insert(pod.uid.clone(), Arc::new((value.clone(), grant.clone())));
+            return Ok(grant);
+        }
+        Ok(match &self.default_role {
+            Some(role) => RoleGrant::Role(role.clone()),
+            None => RoleGrant::NoRole,
+        })
+    }
+
+    async fn kube2iam_grant(
+        &self,
+        mode: &Kube2iamMode,
+        pod: &PodInfo,
+        value: &str,
+    ) -> Result<RoleGrant, IdentityError> {
+        let arn = match kube2iam::role_arn(value, mode.base.as_ref()) {
+            Ok(arn) => arn,
+            Err(reason) => return Ok(RoleGrant::Invalid { reason }),
+        };
+        if let Some(r) = &mode.restriction
+            && !r.allows(&pod.namespace, &arn).await?
+        {
+            return Ok(RoleGrant::NotAllowed { role_arn: arn });
+        }
+        let spec = self.fallback_spec(arn, RoleSource::PodAnnotation);
+        Ok(RoleGrant::Role(Arc::new(spec)))
     }
 
     /// Forgets a ServiceAccount so its next read goes to the API.
@@ -337,5 +414,129 @@ mod tests {
         r.forget("ns", "sa").await;
         r.resolve("ns", "sa").await.unwrap();
         assert_eq!(fake.reads.load(Ordering::SeqCst), 2);
+    }
+
+    fn pod_with(sa: &str, annotation: Option<&str>) -> PodInfo {
+        PodInfo {
+            uid: "uid-1".into(),
+            namespace: "apps".into(),
+            name: "web-0".into(),
+            service_account: sa.into(),
+            node_name: None,
+            ips: vec![],
+            host_network: false,
+            terminal: false,
+            kube2iam_role: annotation.map(String::from),
+        }
+    }
+
+    struct Ns(BTreeMap<String, String>);
+    impl kube2iam::Namespaces for Ns {
+        fn annotations<'a>(
+            &'a self,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, IdentityError>> {
+            let r = Some(self.0.clone());
+            Box::pin(async move { Ok(r) })
+        }
+    }
+
+    /// A resolver whose ServiceAccount "irsa" names `irsa-role`, in kube2iam mode with base ARN,
+    /// namespace "apps" allowing `reader`, and a default role.
+    fn kube2iam_resolver(default_role: bool) -> RoleResolver {
+        let fake = Arc::new(Fake {
+            ann: BTreeMap::from([(
+                "eks.amazonaws.com/role-arn".to_string(),
+                "arn:aws:iam::123456789012:role/irsa-role".to_string(),
+            )]),
+            reads: AtomicUsize::new(0),
+        });
+        struct BySa(Arc<Fake>);
+        impl ServiceAccounts for BySa {
+            fn annotations<'a>(
+                &'a self,
+                ns: &'a str,
+                name: &'a str,
+            ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, IdentityError>>
+            {
+                if name == "irsa" {
+                    self.0.annotations(ns, name)
+                } else {
+                    Box::pin(async { Ok(Some(BTreeMap::new())) })
+                }
+            }
+        }
+        let base = kube2iam::BaseArn::parse("arn:aws:iam::123456789012:role/").unwrap();
+        let ns = Ns(BTreeMap::from([(
+            kube2iam::ALLOWED_ROLES_ANNOTATION.to_string(),
+            r#"["reader"]"#.to_string(),
+        )]));
+        let r = RoleResolver::new(
+            Arc::new(BySa(fake)),
+            "eks.amazonaws.com/role-arn".into(),
+            "sts.amazonaws.com".into(),
+            Duration::from_secs(60),
+        )
+        .with_kube2iam(Kube2iamMode {
+            base: Some(base.clone()),
+            restriction: Some(kube2iam::NamespaceRestriction::new(
+                Arc::new(ns),
+                kube2iam::RestrictionFormat::Glob,
+                Some(base),
+                Duration::from_secs(60),
+            )),
+        });
+        if default_role {
+            r.with_default_role("arn:aws:iam::123456789012:role/fallback".into())
+        } else {
+            r
+        }
+    }
+
+    fn granted(g: RoleGrant) -> (String, RoleSource) {
+        match g {
+            RoleGrant::Role(r) => (r.role_name().to_string(), r.source),
+            other => panic!("no role: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_service_account_wins_then_the_pod_annotation_then_the_default() {
+        let r = kube2iam_resolver(true);
+        let g = r.grant(&pod_with("irsa", Some("reader"))).await.unwrap();
+        assert_eq!(granted(g), ("irsa-role".into(), RoleSource::ServiceAccount));
+        let g = r.grant(&pod_with("plain", Some("reader"))).await.unwrap();
+        assert_eq!(granted(g), ("reader".into(), RoleSource::PodAnnotation));
+        let g = r.grant(&pod_with("plain", None)).await.unwrap();
+        assert_eq!(granted(g), ("fallback".into(), RoleSource::Default));
+        let no_default = kube2iam_resolver(false);
+        let g = no_default.grant(&pod_with("plain", None)).await.unwrap();
+        assert_eq!(g, RoleGrant::NoRole);
+    }
+
+    #[tokio::test]
+    async fn a_role_the_namespace_does_not_allow_is_refused_not_defaulted() {
+        let r = kube2iam_resolver(true);
+        let g = r.grant(&pod_with("plain", Some("admin"))).await.unwrap();
+        assert_eq!(
+            g,
+            RoleGrant::NotAllowed {
+                role_arn: "arn:aws:iam::123456789012:role/admin".into()
+            }
+        );
+        // The pod's annotation changes: the remembered grant is not reused.
+        let g = r.grant(&pod_with("plain", Some("reader"))).await.unwrap();
+        assert_eq!(granted(g).0, "reader");
+        let g = r.grant(&pod_with("plain", Some("no such!"))).await.unwrap();
+        assert!(matches!(g, RoleGrant::Invalid { .. }), "{g:?}");
+    }
+
+    #[tokio::test]
+    async fn without_kube2iam_mode_the_pod_annotation_is_ignored() {
+        let (r, _) = resolver(&[]);
+        let g = r
+            .grant(&pod_with("sa", Some("arn:aws:iam::123456789012:role/x")))
+            .await;
+        assert_eq!(g.unwrap(), RoleGrant::NoRole);
     }
 }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use super::{Deps, RunError};
 use crate::config::{ImdsV2, ValidConfig};
+use crate::identity::kube2iam::NamespaceRestriction;
+use crate::identity::roles::Kube2iamMode;
 use crate::identity::{Clock, CredentialCache, RoleGrant, RoleResolver};
 use crate::imds::{Policy, Protocol, TokenAuthority};
 use crate::pods::confirm::{PodSource, confirm};
@@ -29,6 +31,36 @@ pub(super) struct Agent {
     node: String,
 }
 
+/// The ServiceAccount's role, then (by the operator's flags) kube2iam's pod annotation and the
+/// default role.
+fn role_resolver(cfg: &ValidConfig, deps: &Deps) -> RoleResolver {
+    let setup = cfg.roles();
+    let mut roles = RoleResolver::new(
+        deps.service_accounts.clone(),
+        cfg.role_annotation.clone(),
+        cfg.audience.clone(),
+        cfg.sa_cache_ttl,
+    );
+    if cfg.kube2iam_annotations {
+        let restriction = cfg.namespace_restrictions.then(|| {
+            NamespaceRestriction::new(
+                deps.namespaces.clone(),
+                cfg.namespace_restriction_format,
+                setup.base.clone(),
+                cfg.sa_cache_ttl,
+            )
+        });
+        roles = roles.with_kube2iam(Kube2iamMode {
+            base: setup.base.clone(),
+            restriction,
+        });
+    }
+    if let Some(arn) = &setup.default_role {
+        roles = roles.with_default_role(arn.clone());
+    }
+    roles
+}
+
 impl Agent {
     pub(super) fn assemble(cfg: &ValidConfig, deps: &Deps) -> Result<Agent, RunError> {
         let settings = cfg.cache_settings();
@@ -48,12 +80,7 @@ impl Agent {
         };
         Ok(Agent {
             index: Arc::new(PodIndex::new()),
-            roles: RoleResolver::new(
-                deps.service_accounts.clone(),
-                cfg.role_annotation.clone(),
-                cfg.audience.clone(),
-                cfg.sa_cache_ttl,
-            ),
+            roles: role_resolver(cfg, deps),
             creds: Arc::new(creds),
             protocol: Protocol::new(TokenAuthority::new().map_err(RunError::Crypto)?, policy),
             upstream: Upstream::new(&cfg.upstream_imds),

@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use crate::config::ValidConfig;
 use crate::identity::apiserver::ApiServer;
 use crate::identity::cache::FailureHook;
+use crate::identity::kube2iam::Namespaces;
 use crate::identity::{Clock, RoleExchange, ServiceAccounts, SystemClock, TokenMinter};
 use crate::pods::confirm::{KubePods, PodSource};
 use crate::telemetry::{EventSink, Metrics, PodRef};
@@ -115,6 +116,8 @@ pub struct Deps {
     /// Direct pod reads that confirm a CNI registration.
     pub pods: Arc<dyn PodSource>,
     pub service_accounts: Arc<dyn ServiceAccounts>,
+    /// Namespace reads, for kube2iam's namespace restrictions (only when they are on).
+    pub namespaces: Arc<dyn Namespaces>,
     pub tokens: Arc<dyn TokenMinter>,
     pub sts: Arc<dyn RoleExchange>,
     /// Hears every role that cannot be assumed (Kubernetes Events in production).
@@ -146,6 +149,7 @@ impl Deps {
             pods: Arc::new(KubePods::new(kube.clone())),
             kube,
             service_accounts: api.clone(),
+            namespaces: api.clone(),
             tokens: api,
             sts,
             on_role_failure: Some(on_role_failure),
