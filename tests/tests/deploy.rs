@@ -173,6 +173,24 @@ fn chart_refuses_iptables_off_without_the_per_pod_redirect() {
     .output()
     .unwrap();
     assert!(!out.status.success());
+    let restrictions_alone = helm(
+        &[
+            "template",
+            "irsa-imds",
+            CHART,
+            "--set",
+            "kube2iam.namespaceRestrictions=true",
+        ],
+        None,
+    )
+    .output()
+    .unwrap();
+    assert!(!restrictions_alone.status.success());
+    assert!(
+        String::from_utf8_lossy(&restrictions_alone.stderr).contains("kube2iam.enabled"),
+        "{}",
+        String::from_utf8_lossy(&restrictions_alone.stderr)
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cniHook.podRedirect"),
         "{}",
@@ -254,6 +272,40 @@ fn chart_values_reach_the_daemonset() {
         vols.contains("/opt/cni/bin-alt") && vols.contains("/etc/cni/net.d-alt"),
         "{vols}"
     );
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for want in [
+        "--kube2iam-annotations",
+        "--namespace-restrictions",
+        "--namespace-restriction-format=regexp",
+        "--base-role-arn=arn:aws:iam::123456789012:role/k8s/",
+        "--default-role=node-addons",
+    ] {
+        assert!(args.contains(&want), "{want}: {args:?}");
+    }
+    // Namespace restrictions read Namespaces: only then does the ClusterRole grant it.
+    let everything = render(Some("ci/everything-values.yaml"));
+    assert!(
+        cluster_role_rules(&everything)
+            .contains("resources: [\"namespaces\"]\n    verbs: [\"get\"]"),
+        "{everything}"
+    );
+    let defaults = render(None);
+    assert!(!cluster_role_rules(&defaults).contains("namespaces"));
+    let ds = daemonset(&yaml_docs(&defaults));
+    let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    for never in [
+        "kube2iam",
+        "namespace-restriction",
+        "base-role-arn",
+        "default-role",
+    ] {
+        assert!(!args.contains(never), "{never}: {args}");
+    }
     // Defaults: the image tag is the chart's appVersion; affinity keeps Fargate/hybrid out.
     let ds = daemonset(&yaml_docs(&render(None)));
     let spec = &ds["spec"]["template"]["spec"];
@@ -451,11 +503,15 @@ fn rendered_commands_run_against_the_real_binaries() {
     }
 }
 
+/// The ClusterRole's text, up to its binding.
+fn cluster_role_rules(text: &str) -> &str {
+    &text[text.find("kind: ClusterRole\n").unwrap()..text.find("kind: ClusterRoleBinding").unwrap()]
+}
+
 #[test]
 fn rbac_is_least_privilege() {
     let text = manifest();
-    let rules = &text
-        [text.find("kind: ClusterRole\n").unwrap()..text.find("kind: ClusterRoleBinding").unwrap()];
+    let rules = cluster_role_rules(&text);
     for want in [
         "resources: [\"pods\"]\n    verbs: [\"get\", \"list\", \"watch\"]",
         "resources: [\"serviceaccounts\"]\n    verbs: [\"get\"]",
@@ -465,7 +521,16 @@ fn rbac_is_least_privilege() {
     ] {
         assert!(rules.contains(want), "missing {want:?} in\n{rules}");
     }
-    for never in ["secrets", "\"*\"", "update", "patch", "delete", "nodes"] {
+    // Namespaces only with kube2iam's namespace restrictions (chart_values_reach_the_daemonset).
+    for never in [
+        "secrets",
+        "\"*\"",
+        "update",
+        "patch",
+        "delete",
+        "nodes",
+        "namespaces",
+    ] {
         assert!(
             !rules.contains(never),
             "{never} must not be granted:\n{rules}"
