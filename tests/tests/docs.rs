@@ -1,6 +1,7 @@
 //! The docs' examples that can run here do run: the install guide's trust policy
 //! (`docs/examples/trust-policy.json`, shown verbatim in `docs/install.md`) is the policy the STS
-//! emulator evaluates, and it admits exactly the ServiceAccount it names.
+//! emulator evaluates, and it admits exactly the ServiceAccount it names; the trust statement the
+//! kube2iam migration guide adds admits the annotated pod's ServiceAccount and no other.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -125,5 +126,86 @@ async fn install_guide_trust_policy_admits_exactly_its_service_account() {
     let issued = sts.issued();
     assert_eq!(issued.len(), 1, "{issued:?}");
     assert_eq!(issued[0].subject, "system:serviceaccount:legacy:billing");
+    agent.stop().await.unwrap();
+}
+
+/// The statement the kube2iam migration guide tells operators to add, for the test bed's provider.
+fn migration_statement_here() -> serde_json::Value {
+    let guide = doc("docs/kube2iam-migration.md");
+    let start = guide.find("```json\n{\n  \"Effect\"").unwrap() + "```json\n".len();
+    let end = start + guide[start..].find("```").unwrap();
+    let text = &guide[start..end];
+    assert_eq!(text.matches(DOCS_PROVIDER).count(), 3, "{text}");
+    let statement: serde_json::Value =
+        serde_json::from_str(&text.replace(DOCS_PROVIDER, testbed_provider())).unwrap();
+    serde_json::json!({"Version": "2012-10-17", "Statement": [statement]})
+}
+
+/// kube2iam mode: the role a pod's `iam.amazonaws.com/role` names (a bare name under the base
+/// ARN) is assumed with the pod's own token, so the guide's statement is what lets a pod of
+/// `legacy` running as `default` have it; a pod of another namespace naming the same role gets the
+/// EC2 answer for an unassumable role, never the role.
+#[tokio::test]
+async fn migration_guide_trust_statement_admits_the_annotated_pods_service_account_only() {
+    let kube = KubeApi::start().await.unwrap();
+    let sts = StsEmulator::start().await.unwrap();
+    let upstream = FakeImds::start().await.unwrap();
+    let role = "arn:aws:iam::111122223333:role/reader";
+    sts.trust_role(
+        role,
+        RoleTrust::from_policy(&migration_statement_here(), testbed_provider()).unwrap(),
+    );
+    kube.apply_service_account("legacy", "default", &[]);
+    kube.apply_service_account("other", "default", &[]);
+    let exchange = Arc::new(
+        irsa_imds_agent::identity::sts::SdkSts::with_endpoint("us-east-1".into(), sts.endpoint())
+            .await,
+    );
+    let agent = Agent::start(
+        &kube,
+        exchange,
+        &upstream.url(),
+        &[
+            "--kube2iam-annotations",
+            "--base-role-arn",
+            "arn:aws:iam::111122223333:role/",
+        ],
+    )
+    .await
+    .unwrap();
+    for (ns, name, ip) in [
+        ("legacy", "report-0", "127.0.0.33"),
+        ("other", "report-0", "127.0.0.34"),
+    ] {
+        let mut p = pod(ns, name, NODE, "default", &[ip]);
+        p.metadata.annotations = Some([("iam.amazonaws.com/role".into(), "reader".into())].into());
+        kube.create_pod(p);
+    }
+    let code = |ip: &'static str| {
+        let agent = &agent;
+        async move {
+            let r = agent
+                .get(ip, "/latest/meta-data/iam/security-credentials/reader")
+                .await
+                .ok()?;
+            if r.status != http::StatusCode::OK {
+                return None;
+            }
+            r.json().ok()?["Code"].as_str().map(str::to_string)
+        }
+    };
+    wait_for(Duration::from_secs(15), || async {
+        code("127.0.0.33").await.is_some() && code("127.0.0.34").await.is_some()
+    })
+    .await
+    .unwrap();
+    assert_eq!(code("127.0.0.33").await.as_deref(), Some("Success"));
+    assert_eq!(
+        code("127.0.0.34").await.as_deref(),
+        Some("AssumeRoleUnauthorizedAccess")
+    );
+    let issued = sts.issued();
+    assert_eq!(issued.len(), 1, "{issued:?}");
+    assert_eq!(issued[0].subject, "system:serviceaccount:legacy:default");
     agent.stop().await.unwrap();
 }
