@@ -87,6 +87,18 @@ impl AgentProc {
         sts: &str,
         server: &str,
     ) -> AgentProc {
+        Self::start_with(cp, sa, node, sts, server, &[]).await
+    }
+
+    /// Like `start_via`, with `extra` flags appended.
+    async fn start_with(
+        cp: &ControlPlane,
+        sa: &str,
+        node: &str,
+        sts: &str,
+        server: &str,
+        extra: &[&str],
+    ) -> AgentProc {
         let dir = TempDir::new(&format!("agent-{node}")).unwrap();
         let token = cp
             .mint_token(AGENT_NS, sa, &[API_AUDIENCE], 3600, None)
@@ -111,6 +123,7 @@ impl AgentProc {
             .arg(&kubeconfig)
             .arg("--cni-socket")
             .arg(dir.path().join("cni.sock"))
+            .args(extra)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
@@ -963,4 +976,109 @@ async fn chart_rbac_and_token_policy_work_on_the_real_apiserver() {
     })
     .await
     .expect("the chart's policy never denied an apiserver-audience token");
+}
+
+/// `helm template <release>` of the chart with `sets`, applied server-side.
+async fn apply_chart(cp: &ControlPlane, helm: &Path, release: &str, sets: &[&str]) {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/chart/irsa-imds");
+    let mut cmd = tokio::process::Command::new(helm);
+    cmd.args(["template", release])
+        .arg(&chart)
+        .args(["--namespace", AGENT_NS]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.apply(&String::from_utf8(out.stdout).unwrap())
+        .await
+        .unwrap();
+}
+
+/// kube2iam mode with namespace restrictions, under the chart's RBAC for it (`get namespaces`,
+/// added only then): a pod's `iam.amazonaws.com/role: reader`, allowed by its Namespace, is
+/// assumed with the pod's own token; `admin`, not allowed, is 404 with the reason logged. Under
+/// the default chart's RBAC the same flags get the apiserver's refusal naming `get namespaces`,
+/// and nothing is served.
+#[tokio::test]
+async fn kube2iam_namespace_restrictions_work_under_the_charts_rbac_for_them() {
+    let Some(cp) = plane().await else { return };
+    let Some(helm) = helm() else { return };
+    let k2i = [
+        "kube2iam.enabled=true",
+        "kube2iam.namespaceRestrictions=true",
+        "kube2iam.baseRoleArn=arn:aws:iam::123456789012:role/",
+    ];
+    apply_chart(&cp, &helm, "irsa-k2i", &k2i).await;
+    apply_chart(&cp, &helm, "irsa-k2i-plain", &[]).await;
+    let moto = Moto::start().await.unwrap();
+    let flags = [
+        "--kube2iam-annotations",
+        "--namespace-restrictions",
+        "--base-role-arn",
+        "arn:aws:iam::123456789012:role/",
+    ];
+    for (release, ns, node, net) in [
+        ("irsa-k2i", "k2i", "node-k2i", "127.0.67"),
+        ("irsa-k2i-plain", "k2i-plain", "node-k2i-plain", "127.0.68"),
+    ] {
+        let namespace = serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "annotations": {"iam.amazonaws.com/allowed-roles": "[\"reader\"]"}}});
+        cp.apply(&namespace.to_string()).await.unwrap();
+        cp.apply_service_account(ns, "plain", &[]).await.unwrap();
+        let (reader_ip, admin_ip) = (format!("{net}.1"), format!("{net}.2"));
+        for (pod, ip, role) in [
+            ("reader-0", &reader_ip, "reader"),
+            ("admin-0", &admin_ip, "admin"),
+        ] {
+            cp.run_pod(ns, pod, node, "plain", &[ip.as_str()])
+                .await
+                .unwrap();
+            cp.kubectl(
+                &[
+                    "-n",
+                    ns,
+                    "annotate",
+                    "pod",
+                    pod,
+                    &format!("iam.amazonaws.com/role={role}"),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        let agent =
+            AgentProc::start_with(&cp, release, node, &moto.endpoint(), &cp.url, &flags).await;
+        agent.wait_ready().await;
+        if release == "irsa-k2i" {
+            agent.wait_role(&reader_ip, "reader").await;
+            let creds = agent.creds(&reader_ip, "reader").await;
+            assert_eq!(
+                caller_arn(&moto, &creds).await,
+                "arn:aws:sts::123456789012:assumed-role/reader/k2i.reader-0"
+            );
+            wait_for(Duration::from_secs(20), || async {
+                agent.get(&admin_ip, CREDS).await.status == StatusCode::NOT_FOUND
+                    && agent.log().contains("reason=\"role_not_allowed\"")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+            assert!(agent.log().contains("pod=\"admin-0\""), "{}", agent.log());
+        } else {
+            let needle = "cannot get resource \"namespaces\"";
+            wait_for(Duration::from_secs(20), || async {
+                agent.get(&reader_ip, CREDS).await;
+                agent.log().replace('\\', "").contains(needle)
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}; agent log:\n{}", agent.log()));
+            let r = agent.get(&reader_ip, &format!("{CREDS}reader")).await;
+            assert_ne!(r.status, StatusCode::OK, "{}", r.text());
+        }
+    }
 }

@@ -348,7 +348,7 @@ impl Protocol {
                 return Outcome::Refused(Refusal::InvalidRole, Some(reason));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read service account");
+                tracing::warn!(error = %e, "cannot read what names the pod's role");
                 return Outcome::reply(Reply::status(StatusCode::INTERNAL_SERVER_ERROR));
             }
         };

@@ -108,7 +108,7 @@ impl Agent {
             Ok(RoleGrant::Role(role)) => self.creds.prefetch(&pod, &role).await,
             Ok(_) => {}
             Err(e) => {
-                tracing::debug!(pod = %pod.name, error = %e, "prefetch: cannot read service account")
+                tracing::debug!(pod = %pod.name, error = %e, "prefetch: cannot read what names the pod's role")
             }
         }
     }
