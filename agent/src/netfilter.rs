@@ -522,11 +522,22 @@ pub fn uninstall() -> Result<Vec<Backend>, NetfilterError> {
 }
 
 /// Re-runs [`RedirectRule::ensure`] every `every` until `shutdown`; `on_restore` hears each repair.
+/// What one reconcile pass found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// The rules were in place.
+    Intact,
+    /// They were missing or altered, and are back.
+    Restored,
+    /// They could not be checked or restored (iptables failed): they may be missing.
+    Failed,
+}
+
 pub async fn reconcile(
     rule: Arc<RedirectRule>,
     every: Duration,
     shutdown: CancellationToken,
-    on_restore: impl Fn() + Send + 'static,
+    on_pass: impl Fn(Reconciled) + Send + 'static,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -540,11 +551,17 @@ pub async fn reconcile(
         match tokio::task::spawn_blocking(move || r.ensure()).await {
             Ok(Ok(true)) => {
                 tracing::warn!(chain = %rule.chain, "redirect rule was missing or altered; restored");
-                on_restore();
+                on_pass(Reconciled::Restored);
             }
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot reconcile redirect rule"),
-            Err(e) => tracing::error!(error = %e, "redirect rule reconcile task failed"),
+            Ok(Ok(false)) => on_pass(Reconciled::Intact),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot reconcile redirect rule");
+                on_pass(Reconciled::Failed);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "redirect rule reconcile task failed");
+                on_pass(Reconciled::Failed);
+            }
         }
     }
 }

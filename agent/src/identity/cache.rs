@@ -27,7 +27,7 @@ use super::freshness::{
 };
 use super::{
     AssumeRequest, Clock, Credentials, IdentityError, RoleExchange, RoleSpec, TokenMinter,
-    outcome_label, session_name,
+    outcome_label, session_name, sts_code_label,
 };
 use crate::pods::PodInfo;
 use crate::telemetry::Metrics;
@@ -77,6 +77,8 @@ struct Slot {
     refused: Mutex<Option<(IdentityError, SystemTime)>>,
     next_refresh_try: Mutex<Option<SystemTime>>,
     refresh_failures: AtomicU32,
+    /// The last failed exchange and when, kept after a success too (for `explain`).
+    last_error: Mutex<Option<(IdentityError, SystemTime)>>,
     fetch: tokio::sync::Mutex<()>,
 }
 
@@ -112,6 +114,20 @@ impl Served {
     pub fn body(&self, render: impl FnOnce(&Credentials) -> bytes::Bytes) -> bytes::Bytes {
         self.body.get_or_init(|| render(&self.creds)).clone()
     }
+}
+
+/// The cache's view of one pod's role, for `explain`: times and errors, never credentials.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SlotView {
+    /// Whether the cache has a slot for the pod and role at all.
+    pub cached: bool,
+    pub expiration: Option<SystemTime>,
+    pub issued_at: Option<SystemTime>,
+    /// A refusal being remembered (not retried) until the instant given.
+    pub refused_until: Option<(IdentityError, SystemTime)>,
+    pub last_error: Option<(IdentityError, SystemTime)>,
+    /// Pods sharing the session (1 in `pod` scope).
+    pub sharing_pods: usize,
 }
 
 /// Whether the background work or a waiting request asks for an exchange.
@@ -232,9 +248,15 @@ impl CredentialCache {
             return Err(err);
         }
         let _guard = slot.fetch.lock().await;
-        // Whoever held the lock before may have fetched already.
+        // Whoever held the lock before may have fetched already, or been refused: one STS call
+        // answers every request that waited for it, refusals included.
         if let Some(c) = self.servable(&slot) {
             return Ok(c);
+        }
+        if let Some((err, until)) = lock(&slot.refused).clone()
+            && self.clock.now() < until
+        {
+            return Err(err);
         }
         let permit = self.limiter.acquire(Priority::Urgent).await;
         match self.fetch(&slot, permit).await {
@@ -309,6 +331,7 @@ impl CredentialCache {
                     refused: Mutex::new(None),
                     next_refresh_try: Mutex::new(None),
                     refresh_failures: AtomicU32::new(0),
+                    last_error: Mutex::new(None),
                     fetch: tokio::sync::Mutex::new(()),
                 })
             })
@@ -398,6 +421,7 @@ impl CredentialCache {
                 if !e.retryable() {
                     *lock(&slot.refused) = Some((e.clone(), now + self.settings.negative_ttl));
                 }
+                *lock(&slot.last_error) = Some((e.clone(), now));
                 tracing::warn!(
                     pod = %pod.name, namespace = %pod.namespace, role = %slot.role.role_arn,
                     error = %e, "cannot obtain credentials"
@@ -438,10 +462,13 @@ impl CredentialCache {
                 &format!("{}@{}", pod.service_account, self.settings.node),
             ),
         };
+        let started = std::time::Instant::now();
         let token = self
             .minter
             .mint(pod, &role.audience, role.token_expiration_secs)
             .await;
+        self.metrics
+            .token_request_seconds(started.elapsed().as_secs_f64());
         self.metrics.count_token_request(outcome_label(&token));
         let req = AssumeRequest {
             role_arn: role.role_arn.clone(),
@@ -450,7 +477,10 @@ impl CredentialCache {
             duration_secs: i32::try_from(self.settings.duration.as_secs()).unwrap_or(3600),
             regional: role.regional_sts,
         };
+        let started = std::time::Instant::now();
         let r = self.sts.assume(&req).await;
+        self.metrics
+            .sts_result(sts_code_label(&r), started.elapsed().as_secs_f64());
         self.metrics.count_sts_call(outcome_label(&r));
         r
     }
@@ -550,6 +580,50 @@ impl CredentialCache {
             .invalidate_entries_if(|_, s| s.members.load().is_empty())
         {
             tracing::error!(error = %e, "cannot evict pod credentials");
+        }
+    }
+
+    /// Credential sets held now (unexpired) and the least lifetime left among them (zero when
+    /// none): read at each scrape, never on a request.
+    pub fn stats(&self) -> (usize, Duration) {
+        let now = self.clock.now();
+        let mut n = 0;
+        let mut least: Option<Duration> = None;
+        for (_, slot) in self.slots.iter() {
+            let Some(c) = slot.current() else { continue };
+            let left = remaining(&c.creds, now);
+            if left.is_zero() {
+                continue;
+            }
+            n += 1;
+            least = Some(least.map_or(left, |l| l.min(left)));
+        }
+        (n, least.unwrap_or(Duration::ZERO))
+    }
+
+    /// What the cache holds for `pod` in `role`, for an operator (`explain`): never a key,
+    /// secret or token.
+    pub fn describe(&self, pod: &PodInfo, role_arn: &str) -> SlotView {
+        let (a, b) = index_key(self.settings.scope, pod);
+        let index = self.index.load();
+        let Some(slot) = index
+            .get(a)
+            .and_then(|m| m.get(b))
+            .and_then(|slots| slots.iter().find(|s| s.role.role_arn == role_arn))
+        else {
+            return SlotView::default();
+        };
+        let now = self.clock.now();
+        SlotView {
+            cached: true,
+            expiration: slot.current().map(|c| c.creds.expiration),
+            issued_at: slot.current().map(|c| c.creds.issued_at),
+            refused_until: lock(&slot.refused)
+                .as_ref()
+                .filter(|(_, until)| now < *until)
+                .map(|(e, until)| (e.clone(), *until)),
+            last_error: lock(&slot.last_error).clone(),
+            sharing_pods: slot.members.load().len(),
         }
     }
 
@@ -857,6 +931,29 @@ mod tests {
         assert_eq!(b.minter.calls.load(Ordering::SeqCst), 1);
         assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
         assert_eq!(lock(&b.sts.sessions)[0], "team.api-0");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_for_a_refused_role_cost_one_sts_call() {
+        let b = bed();
+        *lock(&b.sts.failures) = (0..50)
+            .map(|_| IdentityError::StsRejected {
+                code: "AccessDenied".into(),
+                message: "not trusted".into(),
+            })
+            .collect();
+        let gets = (0..50).map(|_| {
+            let (c, p, r) = (b.cache.clone(), b.pod.clone(), b.role.clone());
+            tokio::spawn(async move { c.get(&p, &r).await })
+        });
+        for r in futures::future::join_all(gets).await {
+            assert!(matches!(r.unwrap(), Err(IdentityError::StsRejected { .. })));
+        }
+        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+        let view = b.cache.describe(&b.pod, &b.role.role_arn);
+        assert!(view.cached && view.expiration.is_none());
+        assert!(view.refused_until.is_some() && view.last_error.is_some());
+        assert_eq!(b.cache.stats(), (0, Duration::ZERO));
     }
 
     use std::collections::HashSet;

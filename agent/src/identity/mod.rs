@@ -111,6 +111,32 @@ impl IdentityError {
     }
 }
 
+/// The STS result of one `AssumeRoleWithWebIdentity` attempt as the fixed code set of
+/// `irsa_imds_sts_results_total{code}` (telemetry's `STS_CODES`): STS's own code where it says
+/// what to fix, a class otherwise. Never the message, never an unbounded string.
+pub fn sts_code_label<T>(r: &Result<T, IdentityError>) -> &'static str {
+    let (code, refused) = match r {
+        Ok(_) => return "ok",
+        Err(IdentityError::StsRejected { code, .. }) => (code.as_str(), true),
+        Err(IdentityError::StsUnavailable { code, .. }) => (code.as_str(), false),
+        Err(_) => return "other",
+    };
+    match code {
+        "Throttling" | "ThrottlingException" | "RequestLimitExceeded" => "Throttling",
+        "AccessDenied" | "AccessDeniedException" | "AssumeRoleUnauthorizedAccess" => "AccessDenied",
+        "InvalidIdentityToken" => "InvalidIdentityToken",
+        "ExpiredToken" | "ExpiredTokenException" => "ExpiredToken",
+        "IDPCommunicationError" => "IDPCommunicationError",
+        // The classes `sts::classify` gives what carries no STS code.
+        "Timeout" => "timeout",
+        "Dispatch" => "network",
+        "Response" | "NoCredentials" | "BadExpiration" => "other",
+        // Unavailable with any other code: STS's internal errors, or an HTTP status >= 500.
+        _ if !refused => "5xx",
+        _ => "other",
+    }
+}
+
 /// `success`, or the error's metric label: the outcome of one call, for counting.
 pub fn outcome_label<T>(r: &Result<T, IdentityError>) -> &'static str {
     match r {
@@ -211,6 +237,48 @@ mod tests {
             a.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c))
         );
+    }
+
+    #[test]
+    fn sts_codes_map_to_a_fixed_set() {
+        let rejected = |c: &str| -> Result<(), IdentityError> {
+            Err(IdentityError::StsRejected {
+                code: c.into(),
+                message: "m".into(),
+            })
+        };
+        let unavailable = |c: &str| -> Result<(), IdentityError> {
+            Err(IdentityError::StsUnavailable {
+                code: c.into(),
+                message: "m".into(),
+            })
+        };
+        assert_eq!(sts_code_label(&Ok::<(), IdentityError>(())), "ok");
+        assert_eq!(sts_code_label(&unavailable("Throttling")), "Throttling");
+        assert_eq!(sts_code_label(&rejected("AccessDenied")), "AccessDenied");
+        assert_eq!(
+            sts_code_label(&rejected("AssumeRoleUnauthorizedAccess")),
+            "AccessDenied"
+        );
+        assert_eq!(
+            sts_code_label(&rejected("InvalidIdentityToken")),
+            "InvalidIdentityToken"
+        );
+        assert_eq!(
+            sts_code_label(&unavailable("ExpiredTokenException")),
+            "ExpiredToken"
+        );
+        assert_eq!(
+            sts_code_label(&unavailable("IDPCommunicationError")),
+            "IDPCommunicationError"
+        );
+        assert_eq!(sts_code_label(&unavailable("Timeout")), "timeout");
+        assert_eq!(sts_code_label(&unavailable("Dispatch")), "network");
+        assert_eq!(sts_code_label(&unavailable("InternalFailure")), "5xx");
+        assert_eq!(sts_code_label(&unavailable("SomethingNew")), "5xx");
+        // A code STS may invent tomorrow is never a label of its own.
+        assert_eq!(sts_code_label(&rejected("IDPRejectedClaim")), "other");
+        assert_eq!(sts_code_label(&rejected("x".repeat(500).as_str())), "other");
     }
 
     #[test]

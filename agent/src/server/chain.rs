@@ -31,6 +31,8 @@ pub(super) async fn keep_chained(
             _ = tick.tick() => {}
         }
         let f = state_file.clone();
+        // Ok(None): no state file (nothing to keep chained); Ok(Some(None)): chained already;
+        // Ok(Some(Some(path))): chained again into `path`.
         let outcome = tokio::task::spawn_blocking(move || match ChainState::load(&f) {
             Err(ChainError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
@@ -38,24 +40,36 @@ pub(super) async fn keep_chained(
                 Ok(None)
             }
             Err(e) => Err(e),
-            Ok(s) => s.ensure(),
+            Ok(s) => s.ensure().map(Some),
         })
         .await;
         match outcome {
-            Ok(Ok(Some(path))) => {
+            Ok(Ok(Some(Some(path)))) => {
                 tracing::warn!(conflist = %path.display(), "CNI hook was missing from the active conflist; chained it again");
                 metrics.cni_rechained();
+                metrics.set_cni_chain(true);
                 last_error = None;
             }
-            Ok(Ok(None)) => last_error = None,
+            Ok(Ok(Some(None))) => {
+                metrics.set_cni_chain(true);
+                last_error = None;
+            }
+            Ok(Ok(None)) => {
+                metrics.set_cni_chain(false);
+                last_error = None;
+            }
             Ok(Err(e)) => {
+                metrics.set_cni_chain(false);
                 let msg = e.to_string();
                 if last_error.as_deref() != Some(msg.as_str()) {
                     tracing::error!(error = %msg, "cannot keep the CNI hook chained");
                     last_error = Some(msg);
                 }
             }
-            Err(e) => tracing::error!(error = %e, "CNI chain task failed"),
+            Err(e) => {
+                metrics.set_cni_chain(false);
+                tracing::error!(error = %e, "CNI chain task failed");
+            }
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The operations listener: liveness, readiness (the pod index has synced) and metrics.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -9,9 +11,11 @@ use crate::telemetry::Metrics;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// `credential_stats` (sets cached, least lifetime left) is read only when metrics are scraped.
 pub(super) fn respond<B>(
     req: &Request<B>,
     index: &PodIndex,
+    credential_stats: impl FnOnce() -> (usize, Duration),
     metrics: &Metrics,
 ) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
@@ -26,6 +30,9 @@ pub(super) fn respond<B>(
         ),
         (&Method::GET, "/metrics") => {
             metrics.set_pods(index.pod_count());
+            metrics.set_ready(index.is_synced());
+            let (sets, least) = credential_stats();
+            metrics.set_cached_credentials(sets, least.as_secs());
             (StatusCode::OK, OPENMETRICS, metrics.encode())
         }
         _ => (
@@ -47,7 +54,7 @@ mod tests {
 
     fn get(path: &str, index: &PodIndex) -> StatusCode {
         let req = Request::get(path).body(()).unwrap();
-        respond(&req, index, &Metrics::new()).status()
+        respond(&req, index, || (0, Duration::ZERO), &Metrics::new()).status()
     }
 
     #[test]

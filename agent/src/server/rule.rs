@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::RunError;
 use crate::config::ValidConfig;
-use crate::netfilter::{NetfilterError, RedirectRule};
+use crate::netfilter::{NetfilterError, Reconciled, RedirectRule};
 use crate::telemetry::Metrics;
 
 /// Host mode: installs the redirect rules and keeps them reconciled until `stop`.
@@ -42,12 +42,18 @@ pub(super) async fn install_rule(
         backend = backend.name(),
         "host redirect rules installed"
     );
+    metrics.set_redirect_rule(true);
     let metrics = metrics.clone();
     tokio::spawn(crate::netfilter::reconcile(
         Arc::new(rule),
         cfg.iptables_resync,
         stop.clone(),
-        move || metrics.rule_restored(),
+        move |pass| {
+            if pass == Reconciled::Restored {
+                metrics.rule_restored();
+            }
+            metrics.set_redirect_rule(pass != Reconciled::Failed);
+        },
     ));
     Ok(())
 }

@@ -157,7 +157,7 @@ pub async fn run_with(
         let agent = agent.clone();
         http::serve(ops, stop.clone(), &graceful, move |req, _| {
             let agent = agent.clone();
-            async move { ops::respond(&req, &agent.index, &agent.metrics) }
+            async move { ops::respond(&req, &agent.index, || agent.creds.stats(), &agent.metrics) }
         })
     };
     tracing::info!(node = %cfg.node_name, listen = %cfg.listen, ops = %cfg.ops_listen, "agent started");

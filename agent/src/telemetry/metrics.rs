@@ -37,19 +37,60 @@ const CODES: [&str; 9] = [
 ];
 const LOOKUPS: [&str; 5] = ["found", "unknown", "pending", "ambiguous", "host_network"];
 
+/// Every value `irsa_imds_sts_results_total{code}` takes: STS's own error codes that tell an
+/// operator what to fix, and a few classes for the rest. Fixed, so the series count is too.
+pub const STS_CODES: [&str; 10] = [
+    "ok",
+    "Throttling",
+    "AccessDenied",
+    "InvalidIdentityToken",
+    "ExpiredToken",
+    "IDPCommunicationError",
+    "timeout",
+    "network",
+    "5xx",
+    "other",
+];
+
+/// Every value `irsa_imds_not_found_total{reason}` takes (the protocol's refusal reasons); a
+/// reason outside it counts as `other`.
+pub const NOT_FOUND_REASONS: [&str; 9] = [
+    "unknown_source",
+    "ambiguous",
+    "host_network",
+    "terminal",
+    "no_role",
+    "role_not_allowed",
+    "invalid_role",
+    "wrong_role_name",
+    "other",
+];
+
+/// STS and TokenRequest round trips: from a few milliseconds to the 5 s call timeout and beyond.
+fn exchange_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.005, 2.0, 12)
+}
+
 /// Handles to the series requests update, each taken from its family on first use.
 struct Hot {
     requests: [[OnceLock<Counter>; CODES.len()]; ROUTES.len()],
     seconds: [OnceLock<LatencyHistogram>; ROUTES.len()],
     lookups: [OnceLock<Counter>; LOOKUPS.len()],
+    /// Registered with the rest, so every reason is exported (as 0) from the start.
+    not_found: [Counter; NOT_FOUND_REASONS.len()],
 }
 
 impl Hot {
-    fn new() -> Self {
+    fn new(not_found: &Family<Label1, Counter>) -> Self {
         Hot {
             requests: std::array::from_fn(|_| std::array::from_fn(|_| OnceLock::new())),
             seconds: std::array::from_fn(|_| OnceLock::new()),
             lookups: std::array::from_fn(|_| OnceLock::new()),
+            not_found: std::array::from_fn(|i| {
+                not_found
+                    .get_or_create(&[("reason", NOT_FOUND_REASONS[i])])
+                    .clone()
+            }),
         }
     }
 }
@@ -140,6 +181,17 @@ pub struct Metrics {
     cni_rechains: Counter,
     pods: Gauge,
     connections_refused: Family<Label2, Counter>,
+    sts_seconds: LatencyHistogram,
+    token_request_seconds: LatencyHistogram,
+    /// One per [`STS_CODES`] entry, registered up front.
+    sts_results: [Counter; STS_CODES.len()],
+    cached_credentials: Gauge,
+    min_remaining: Gauge,
+    ready: Gauge,
+    /// Registered only in host mode / with a chain state: absent where the agent does not manage
+    /// them, so an alert on `== 0` never fires for a setup that has none.
+    redirect_rule: OnceLock<Gauge>,
+    cni_chain: OnceLock<Gauge>,
 }
 
 impl Default for Metrics {
@@ -164,6 +216,65 @@ impl Metrics {
         let cni_rechains = Counter::default();
         let pods = Gauge::default();
         let connections_refused = Family::<Label2, Counter>::default();
+        let not_found = Family::<Label1, Counter>::default();
+        let sts_seconds = LatencyHistogram::new(exchange_buckets());
+        let token_request_seconds = LatencyHistogram::new(exchange_buckets());
+        let sts_result_family = Family::<Label1, Counter>::default();
+        let sts_results = std::array::from_fn(|i| {
+            sts_result_family
+                .get_or_create(&[("code", STS_CODES[i])])
+                .clone()
+        });
+        let cached_credentials = Gauge::default();
+        let min_remaining = Gauge::default();
+        let ready = Gauge::default();
+        let build_info = Family::<Label2, Gauge>::default();
+        build_info
+            .get_or_create(&[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("arch", std::env::consts::ARCH),
+            ])
+            .set(1);
+        r.register(
+            "irsa_imds_build_info",
+            "The agent's version and CPU architecture (always 1)",
+            build_info,
+        );
+        r.register(
+            "irsa_imds_ready",
+            "Whether the agent is ready (1: its node's pods are listed and watched), as /readyz",
+            ready.clone(),
+        );
+        r.register(
+            "irsa_imds_not_found",
+            "IMDS 404 answers by reason",
+            not_found.clone(),
+        );
+        r.register(
+            "irsa_imds_sts_duration_seconds",
+            "AssumeRoleWithWebIdentity round trips (each attempt)",
+            sts_seconds.clone(),
+        );
+        r.register(
+            "irsa_imds_token_request_duration_seconds",
+            "TokenRequest round trips to the API server",
+            token_request_seconds.clone(),
+        );
+        r.register(
+            "irsa_imds_sts_results",
+            "AssumeRoleWithWebIdentity results by STS error code (a fixed set; ok = credentials)",
+            sts_result_family,
+        );
+        r.register(
+            "irsa_imds_cached_credentials",
+            "Credential sets held for pods of this node",
+            cached_credentials.clone(),
+        );
+        r.register(
+            "irsa_imds_credentials_min_remaining_seconds",
+            "Least lifetime left among the cached credential sets (0 when none)",
+            min_remaining.clone(),
+        );
         r.register(
             "irsa_imds_requests",
             "IMDS requests by route and status",
@@ -224,7 +335,7 @@ impl Metrics {
             requests,
             request_seconds,
             lookups,
-            hot: Hot::new(),
+            hot: Hot::new(&not_found),
             token_requests,
             sts_calls,
             refreshes,
@@ -233,7 +344,94 @@ impl Metrics {
             cni_rechains,
             pods,
             connections_refused,
+            sts_seconds,
+            token_request_seconds,
+            sts_results,
+            cached_credentials,
+            min_remaining,
+            ready,
+            redirect_rule: OnceLock::new(),
+            cni_chain: OnceLock::new(),
         }
+    }
+
+    /// A 404 answered to a caller, by the reason's metric label: one relaxed add on a handle
+    /// resolved at start (no lookup in a family, no lock, no allocation).
+    pub fn not_found(&self, reason: &'static str) {
+        let i = position(&NOT_FOUND_REASONS, reason).unwrap_or(NOT_FOUND_REASONS.len() - 1);
+        self.hot.not_found[i].inc();
+    }
+
+    /// One `AssumeRoleWithWebIdentity` attempt: its STS code (one of [`STS_CODES`]; anything
+    /// else counts as `other`) and how long it took.
+    pub fn sts_result(&self, code: &'static str, seconds: f64) {
+        let i = position(&STS_CODES, code).unwrap_or(STS_CODES.len() - 1);
+        self.sts_results[i].inc();
+        self.sts_seconds.observe(seconds);
+    }
+
+    /// How long one TokenRequest took.
+    pub fn token_request_seconds(&self, seconds: f64) {
+        self.token_request_seconds.observe(seconds);
+    }
+
+    /// The credential sets cached now and the least lifetime left among them.
+    pub fn set_cached_credentials(&self, sets: usize, min_remaining_secs: u64) {
+        self.cached_credentials
+            .set(i64::try_from(sets).unwrap_or(i64::MAX));
+        self.min_remaining
+            .set(i64::try_from(min_remaining_secs).unwrap_or(i64::MAX));
+    }
+
+    /// Whether `/readyz` says ready (set at each scrape).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Host mode: whether the redirect rules are in place (after install and every reconcile).
+    pub fn set_redirect_rule(&self, installed: bool) {
+        self.flag(&self.redirect_rule, "irsa_imds_redirect_rule_installed",
+            "Whether the host redirect rules are in place (1) or missing and not restorable (0); host mode only")
+            .set(i64::from(installed));
+    }
+
+    /// With a chain state: whether the CNI hook is in the node's active conflist.
+    pub fn set_cni_chain(&self, present: bool) {
+        self.flag(&self.cni_chain, "irsa_imds_cni_chain_present",
+            "Whether the CNI hook is chained in the node's active conflist (1) or not (0); with --cni-chain-state only")
+            .set(i64::from(present));
+    }
+
+    /// The gauge in `slot`, registered on first use (rare: once per process).
+    fn flag<'a>(&self, slot: &'a OnceLock<Gauge>, name: &str, help: &str) -> &'a Gauge {
+        slot.get_or_init(|| {
+            let g = Gauge::default();
+            self.registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .register(name, help, g.clone());
+            g
+        })
+    }
+
+    /// `irsa_imds_redirect_rule_installed` as last set; `None` when not in host mode.
+    pub fn redirect_rule(&self) -> Option<bool> {
+        self.redirect_rule.get().map(|g| g.get() == 1)
+    }
+
+    /// `irsa_imds_cni_chain_present` as last set; `None` without a chain state.
+    pub fn cni_chain(&self) -> Option<bool> {
+        self.cni_chain.get().map(|g| g.get() == 1)
+    }
+
+    /// `irsa_imds_sts_results_total{code}` (tests and the benchmark).
+    pub fn sts_results(&self, code: &str) -> u64 {
+        position(&STS_CODES, code).map_or(0, |i| self.sts_results[i].get())
+    }
+
+    /// `irsa_imds_not_found_total{reason}` (tests).
+    pub fn not_found_count(&self, reason: &str) -> u64 {
+        position(&NOT_FOUND_REASONS, reason).map_or(0, |i| self.hot.not_found[i].get())
     }
 
     pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
