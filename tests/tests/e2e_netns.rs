@@ -1218,6 +1218,13 @@ async fn cni_chain_is_kept_then_uninstalled_cleanly() {
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or_else(|| panic!("{metrics}"));
     assert!(rechained >= 2, "{metrics}");
+    // Host mode and a chain state: both states are exported, and both are in place.
+    for line in [
+        "irsa_imds_redirect_rule_installed 1",
+        "irsa_imds_cni_chain_present 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}:\n{metrics}");
+    }
 
     // Uninstall, in the documented order: stop the agent (rules and chain stay: pods keep
     // failing closed and keep starting), remove the hook, then the rules.

@@ -145,6 +145,7 @@ impl Agent {
             .protocol
             .decide(head, peer.ip().to_canonical(), self.seams())
             .await;
+        let refused = decision.refused;
         let reply = match decision.answer {
             Answer::Reply(reply) => reply,
             Answer::Upstream { path } => self.passthrough(&path).await,
@@ -154,6 +155,11 @@ impl Agent {
             reply.status.as_u16(),
             started.elapsed().as_secs_f64(),
         );
+        if let Some(why) = refused
+            && reply.status == StatusCode::NOT_FOUND
+        {
+            self.metrics.not_found(why.metric_label());
+        }
         to_response(reply)
     }
 
@@ -191,6 +197,17 @@ fn to_response(reply: Reply) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_refusal_has_its_own_not_found_series() {
+        use crate::telemetry::metrics::NOT_FOUND_REASONS;
+        for why in crate::imds::respond::Refusal::ALL {
+            assert!(
+                NOT_FOUND_REASONS.contains(&why.metric_label()),
+                "{why:?} would be counted as `other`"
+            );
+        }
+    }
 
     #[test]
     fn replies_are_text_plain_from_ec2ws_with_their_headers() {
