@@ -27,9 +27,8 @@ type Samples = BTreeMap<String, f64>;
 /// `# HELP`/`# TYPE`/`# UNIT` comment or a `name{labels} value` sample, and `# EOF` ends it.
 fn parse(text: &str) -> Samples {
     let mut out = Samples::new();
-    let mut lines = text.lines().peekable();
     let mut eof = false;
-    while let Some(line) = lines.next() {
+    for line in text.lines() {
         assert!(!eof, "text after # EOF: {line:?}");
         if line == "# EOF" {
             eof = true;
