@@ -591,9 +591,22 @@ async fn decisions_carry_their_route_label() {
 #[derive(Clone, Default)]
 struct LogBuf(Arc<Mutex<Vec<u8>>>);
 
-impl std::io::Write for LogBuf {
+thread_local! {
+    /// Where this thread's log lines go, if a test captures them.
+    static CAPTURE: std::cell::RefCell<Option<LogBuf>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes to the capture of the thread the event happens on, else nowhere.
+#[derive(Clone, Copy)]
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        CAPTURE.with(|c| {
+            if let Some(buf) = &*c.borrow() {
+                buf.0.lock().unwrap().extend_from_slice(b);
+            }
+        });
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -601,14 +614,29 @@ impl std::io::Write for LogBuf {
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuf {
-    type Writer = LogBuf;
-    fn make_writer(&'a self) -> LogBuf {
-        self.clone()
-    }
-}
-
 impl LogBuf {
+    /// Captures this thread's log lines, in the agent's JSON format, from now on. The subscriber
+    /// is the process's global one (installed once), not a scoped one: tracing caches each
+    /// callsite's interest process-wide, and a scoped subscriber set while other test threads
+    /// register the same callsites can find a span disabled (seen: the `imds` span's fields
+    /// missing under load). A global subscriber interested in everything has no such race.
+    fn capture() -> LogBuf {
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        INSTALLED.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadCapture)
+                .with_max_level(tracing::Level::DEBUG)
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(crate::telemetry::json::JsonLine::new("node-1"))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in the agent's unit tests");
+        });
+        let buf = LogBuf::default();
+        CAPTURE.with(|c| *c.borrow_mut() = Some(buf.clone()));
+        buf
+    }
+
     fn lines(&self) -> Vec<serde_json::Value> {
         String::from_utf8(self.0.lock().unwrap().clone())
             .unwrap()
@@ -642,14 +670,7 @@ impl Bed {
 
 #[tokio::test(flavor = "current_thread")]
 async fn every_refusal_has_its_reason_in_the_decision_and_the_log() {
-    let buf = LogBuf::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(buf.clone())
-        .with_max_level(tracing::Level::DEBUG)
-        .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-        .event_format(crate::telemetry::json::JsonLine::new("node-1"))
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let buf = LogBuf::capture();
 
     let mut b = bed();
     const TERMINAL: &str = "10.0.0.45";
