@@ -104,14 +104,25 @@ async fn served_credentials_are_the_ones_sts_issued_for_each_pods_role() {
 const K2I: &str = "iam.amazonaws.com/role";
 const ALLOWED: &str = "iam.amazonaws.com/allowed-roles";
 
-/// Captures the agent's log lines (it runs in this test's thread: `current_thread` runtime) as
+/// Captures the agent's log lines (it runs on this test's thread: `current_thread` runtime) as
 /// the agent writes them in a cluster, one JSON object per line.
 #[derive(Clone, Default)]
 struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
-impl std::io::Write for Logs {
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Writes to the capture of the thread the event happens on, else nowhere.
+struct ThreadCapture;
+
+impl std::io::Write for ThreadCapture {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
+        CAPTURE.with(|c| {
+            if let Some(logs) = &*c.borrow() {
+                logs.0.lock().unwrap().extend_from_slice(b);
+            }
+        });
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -119,22 +130,24 @@ impl std::io::Write for Logs {
     }
 }
 
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = Logs;
-    fn make_writer(&'a self) -> Logs {
-        self.clone()
-    }
-}
-
 impl Logs {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(self.clone())
-            .with_max_level(tracing::Level::DEBUG)
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .event_format(irsa_imds_agent::telemetry::json::JsonLine::new(NODE))
-            .finish();
-        tracing::subscriber::set_default(subscriber)
+    /// Captures this thread's lines from now on. One global subscriber for the process, not a
+    /// scoped one per test: tracing caches callsite interest process-wide, and a scoped
+    /// subscriber racing other test threads can find a span disabled (its pod fields missing).
+    fn install() -> Logs {
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        INSTALLED.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(|| ThreadCapture)
+                .with_max_level(tracing::Level::DEBUG)
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(irsa_imds_agent::telemetry::json::JsonLine::new(NODE))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber).unwrap();
+        });
+        let logs = Logs::default();
+        CAPTURE.with(|c| *c.borrow_mut() = Some(logs.clone()));
+        logs
     }
 
     /// The line refusing `pod` for `reason`.
@@ -161,8 +174,7 @@ fn annotated(
 
 #[tokio::test(flavor = "current_thread")]
 async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namespace_rules() {
-    let logs = Logs::default();
-    let _guard = logs.install();
+    let logs = Logs::install();
     testbed::harness::install_crypto();
     let moto = Moto::start().await.unwrap();
     let kube = KubeApi::start().await.unwrap();
@@ -272,8 +284,7 @@ async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namesp
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_roleless_pod_gets_the_default_role_only_when_one_is_set() {
-    let logs = Logs::default();
-    let _guard = logs.install();
+    let logs = Logs::install();
     testbed::harness::install_crypto();
     let moto = Moto::start().await.unwrap();
     let kube = KubeApi::start().await.unwrap();
