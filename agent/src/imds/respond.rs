@@ -123,7 +123,9 @@ impl Refusal {
     /// The reason in words, for the log line.
     pub fn describe(self) -> &'static str {
         match self {
-            Refusal::UnknownSource => "no pod of this node has the source address",
+            Refusal::UnknownSource => {
+                "caller not identified: no pod of this node has the source address"
+            }
             Refusal::Ambiguous => "two live pods claim the source address",
             Refusal::HostNetwork => "the source address is the node's (hostNetwork)",
             Refusal::Terminal => "the pod at the source address has ended",
