@@ -23,8 +23,9 @@ async fn main() {
     };
     raise_nofile_limit(&cfg);
     // kube and the AWS SDK both pull in rustls; exactly one process-wide provider must be chosen
-    // before the first TLS client is built.
-    if rustls::crypto::ring::default_provider()
+    // before the first TLS client is built: aws-lc-rs, the one the AWS SDK is built on (and the
+    // session-token HMAC uses), so the agent links a single crypto library.
+    if rustls::crypto::aws_lc_rs::default_provider()
         .install_default()
         .is_err()
     {

@@ -752,7 +752,7 @@ fn free_ports<const N: usize>() -> anyhow::Result<[u16; N]> {
 
 fn random_bytes<const N: usize>() -> anyhow::Result<[u8; N]> {
     let mut b = [0u8; N];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
         .map_err(|_| anyhow!("no randomness"))?;
     Ok(b)
 }

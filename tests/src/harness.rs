@@ -23,7 +23,7 @@ pub const NODE: &str = "node-1";
 
 /// Installs the process-wide rustls provider once (kube and the AWS SDK both use rustls).
 pub fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// An agent running in this process.

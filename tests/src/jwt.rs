@@ -44,7 +44,8 @@ impl Issuer {
         let der = key.public_key().as_ref().to_vec();
         let (n, e) = rsa_public_key_components(&der)?;
         // As the API server does: the key id is a hash of the public key.
-        let kid = URL_SAFE_NO_PAD.encode(ring::digest::digest(&ring::digest::SHA256, &der));
+        let kid =
+            URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &der));
         Ok(Issuer {
             url: url.into(),
             kid,
@@ -214,15 +215,17 @@ impl Jwks {
             })
             .ok_or_else(|| format!("no key with id {kid:?}"))?;
         let ok = match (header["alg"].as_str(), key) {
-            (Some("RS256"), Jwk::Rsa { n, e }) => ring::signature::RsaPublicKeyComponents { n, e }
-                .verify(
-                    &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-                    input.as_bytes(),
-                    &sig,
-                )
-                .is_ok(),
-            (Some("ES256"), Jwk::EcP256 { point }) => ring::signature::UnparsedPublicKey::new(
-                &ring::signature::ECDSA_P256_SHA256_FIXED,
+            (Some("RS256"), Jwk::Rsa { n, e }) => {
+                aws_lc_rs::signature::RsaPublicKeyComponents { n, e }
+                    .verify(
+                        &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+                        input.as_bytes(),
+                        &sig,
+                    )
+                    .is_ok()
+            }
+            (Some("ES256"), Jwk::EcP256 { point }) => aws_lc_rs::signature::UnparsedPublicKey::new(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED,
                 point,
             )
             .verify(input.as_bytes(), &sig)
@@ -342,7 +345,7 @@ pub async fn get_json(
         }
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
+        rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)

@@ -15,11 +15,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use aws_lc_rs::rand::SecureRandom as _;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use ring::rand::SecureRandom as _;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -463,7 +463,7 @@ fn validation(message: &str) -> Response<Full<Bytes>> {
 }
 
 fn random_chars(alphabet: &[u8], len: usize) -> String {
-    let rng = ring::rand::SystemRandom::new();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
     let mut buf = vec![0u8; len];
     // SystemRandom only fails if the OS has no randomness; then the emulator cannot work at all.
     rng.fill(&mut buf).expect("system randomness");
@@ -803,12 +803,13 @@ async fn answer(
     let role_name = role_arn.rsplit('/').next().unwrap_or(role_arn);
     let account = role_arn.split(':').nth(4).unwrap_or("123456789012");
     // A role's id is stable; keys, secrets and session tokens are random.
-    let role_id: String = ring::digest::digest(&ring::digest::SHA256, role_arn.as_bytes())
-        .as_ref()
-        .iter()
-        .take(17)
-        .map(|b| UPPER32[usize::from(*b) % 32] as char)
-        .collect();
+    let role_id: String =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, role_arn.as_bytes())
+            .as_ref()
+            .iter()
+            .take(17)
+            .map(|b| UPPER32[usize::from(*b) % 32] as char)
+            .collect();
     let issued = Issued {
         access_key_id: format!("ASIA{}", random_chars(UPPER32, 16)),
         secret_access_key: random_chars(B64, 40),

@@ -652,9 +652,9 @@ fn jittered(d: Duration) -> Duration {
 
 /// Uniform in [0, 1].
 fn unit_random() -> f64 {
-    use ring::rand::SecureRandom;
+    use aws_lc_rs::rand::SecureRandom;
     let mut b = [0u8; 2];
-    let r = ring::rand::SystemRandom::new()
+    let r = aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut b)
         .map(|_| u16::from_le_bytes(b))
         .unwrap_or(32768);

@@ -206,7 +206,7 @@ pub fn session_name(namespace: &str, pod: &str) -> String {
             raw
         };
     }
-    let digest = ring::digest::digest(&ring::digest::SHA256, raw.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, raw.as_bytes());
     let hash: String = digest
         .as_ref()
         .iter()

@@ -8,10 +8,10 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::hmac;
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use ring::hmac;
-use ring::rand::{SecureRandom, SystemRandom};
 
 /// EC2 accepts TTLs of 1..=21600 seconds.
 pub const MAX_TTL_SECS: u64 = 21_600;

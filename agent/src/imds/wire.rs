@@ -80,7 +80,7 @@ struct InfoBody {
 /// The pod's view of `iam/info`: an instance profile named after its role.
 pub fn info(role_arn: &str, updated: SystemTime) -> String {
     let (prefix, name) = role_arn.split_once(":role/").unwrap_or((role_arn, ""));
-    let digest = ring::digest::digest(&ring::digest::SHA256, role_arn.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, role_arn.as_bytes());
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let id: String = digest
         .as_ref()

@@ -103,7 +103,7 @@ fn agent_main(flags: &[String]) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async move {
         telemetry::init_logging(cfg.log_format, &cfg.node_name);
         let cfg = cfg.validate()?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let listeners = Listeners::bind(&cfg).await?;
         run(cfg, listeners, stdin_closed()).await?;
         Ok(())
