@@ -211,6 +211,11 @@ pub struct Config {
     #[arg(long, env = "IRSA_IMDS_CNI_SOCKET")]
     pub cni_socket: Option<PathBuf>,
 
+    /// Unix socket (mode 0600, root only) where `irsa-imds-agent explain` asks the running agent
+    /// why a pod gets what it gets. Local only: never on the network, never reachable by pods.
+    #[arg(long, env = "IRSA_IMDS_EXPLAIN_SOCKET")]
+    pub explain_socket: Option<PathBuf>,
+
     /// File keeping CNI registrations and revocations across agent restarts (the shipped
     /// manifests use /run/irsa-imds/state.json: it survives container restarts, not reboots).
     /// Without it they live in memory only.
@@ -282,6 +287,22 @@ pub struct UninstallConfig {
     /// instead of restarting.
     #[arg(long)]
     pub hold: bool,
+}
+
+/// `irsa-imds-agent explain`: asks the agent running on this node, through its explain socket,
+/// what it knows of a pod and why that pod gets what it gets.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "irsa-imds-agent explain",
+    about = "Explain what the agent on this node serves a pod, and why (run as root on the node, or kubectl exec into the agent)"
+)]
+pub struct ExplainConfig {
+    /// The agent's --explain-socket.
+    #[arg(long, env = "IRSA_IMDS_EXPLAIN_SOCKET", default_value = crate::explain::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    /// `<namespace>/<pod>`, or a pod's IP address.
+    pub target: String,
 }
 
 /// A configuration [`Config::validate`] accepted: the only form the agent runs with, so nothing

@@ -8,12 +8,14 @@
 //! - [`upstream`]: allow-listed passthrough to the real IMDS.
 //! - [`netfilter`]: the host-mode redirect rule.
 //! - [`telemetry`]: logs, metrics, events.
+//! - [`explain`]: `irsa-imds-agent explain`'s request, and its client side of the local socket.
 //! - [`server`]: the listeners and the process life cycle that ties the rest together.
 //!
-//! Imports run downwards only: `server` > `config` > `upstream`, `netfilter`, `imds` > `identity`
-//! > `pods` > `telemetry`.
+//! Imports run downwards only: `server` > `config` > `explain`, `upstream`, `netfilter`, `imds` >
+//! `identity` > `pods` > `telemetry`.
 
 pub mod config;
+pub mod explain;
 pub mod identity;
 pub mod imds;
 pub mod netfilter;

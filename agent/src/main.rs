@@ -1,7 +1,7 @@
 //! `irsa-imds-agent`: parse flags, install the TLS provider, run until SIGTERM/SIGINT.
 
 use clap::Parser;
-use irsa_imds_agent::config::UninstallConfig;
+use irsa_imds_agent::config::{ExplainConfig, UninstallConfig};
 use irsa_imds_agent::{Config, Listeners, netfilter, run, telemetry};
 
 /// Kubernetes shows this file's content as the container's termination message.
@@ -13,6 +13,18 @@ async fn main() {
     if std::env::args().nth(1).as_deref() == Some("uninstall") {
         let u = UninstallConfig::parse_from(std::env::args().skip(1));
         uninstall(u).await;
+        return;
+    }
+    // `irsa-imds-agent explain <namespace>/<pod>|<ip>`: asks the agent running on this node.
+    if std::env::args().nth(1).as_deref() == Some("explain") {
+        let e = ExplainConfig::parse_from(std::env::args().skip(1));
+        match irsa_imds_agent::explain::query(&e.socket, &e.target).await {
+            Ok(report) => print!("{report}"),
+            Err(err) => {
+                eprintln!("irsa-imds-agent explain: {err}");
+                std::process::exit(1);
+            }
+        }
         return;
     }
     let cfg = Config::parse();

@@ -177,6 +177,24 @@ struct RegEntry {
     uid: Option<String>,
 }
 
+/// What the index knows of one pod, for `explain`.
+#[derive(Debug, Clone, Default)]
+pub struct PodTrace {
+    /// The pod as the watch shows it.
+    pub watched: Option<Arc<PodInfo>>,
+    /// Its sandboxes registered by the CNI hook.
+    pub registrations: Vec<RegTrace>,
+}
+
+/// One CNI registration of a pod.
+#[derive(Debug, Clone)]
+pub struct RegTrace {
+    pub container_id: String,
+    pub ips: Vec<IpAddr>,
+    /// The pod as read from the API right after ADD, once it was.
+    pub confirmed: Option<Arc<PodInfo>>,
+}
+
 /// A pod that must never match an IP again: its CNI DEL arrived, or a newer ADD took the IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Revocation {
@@ -752,6 +770,56 @@ impl PodIndex {
             b.sort();
             a == b
         })
+    }
+
+    /// Where the index knows pod `namespace/name` from (the watch, CNI registrations), for an
+    /// operator (`explain`); not for requests.
+    pub fn trace(&self, namespace: &str, name: &str) -> PodTrace {
+        let st = self.lock();
+        let watched = st
+            .by_name
+            .get(&(namespace.to_string(), name.to_string()))
+            .and_then(|u| st.pods.get(u))
+            .cloned();
+        let mut registrations: Vec<RegTrace> = st
+            .regs
+            .values()
+            .filter(|e| e.reg.namespace == namespace && e.reg.name == name)
+            .map(|e| RegTrace {
+                container_id: e.reg.container_id.clone(),
+                ips: e.reg.ips.clone(),
+                confirmed: e.confirmed.clone(),
+            })
+            .collect();
+        registrations.sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        PodTrace {
+            watched,
+            registrations,
+        }
+    }
+
+    /// The pods (namespace, name) the watch or a registration places at `ip`, live or not.
+    pub fn holders(&self, ip: IpAddr) -> Vec<(String, String)> {
+        let st = self.lock();
+        let mut out: Vec<(String, String)> = st
+            .by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter_map(|u| st.pods.get(u))
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .chain(
+                st.reg_by_ip
+                    .get(&ip)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| st.regs.get(c))
+                    .map(|e| (e.reg.namespace.clone(), e.reg.name.clone())),
+            )
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// The pod currently registered or watched under (namespace, name), if live.

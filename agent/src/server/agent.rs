@@ -62,6 +62,11 @@ fn role_resolver(cfg: &ValidConfig, deps: &Deps) -> RoleResolver {
 }
 
 impl Agent {
+    /// The node this agent serves.
+    pub(super) fn node(&self) -> &str {
+        &self.node
+    }
+
     pub(super) fn assemble(cfg: &ValidConfig, deps: &Deps) -> Result<Agent, RunError> {
         let settings = cfg.cache_settings();
         let mut creds = CredentialCache::new(

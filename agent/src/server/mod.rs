@@ -16,6 +16,7 @@
 mod agent;
 mod chain;
 mod clients;
+mod explain;
 mod gate;
 mod http;
 pub mod limits;

@@ -123,6 +123,20 @@ pub async fn run_with(
             stop.clone(),
         ));
     }
+    if let Some(path) = cfg.explain_socket.clone() {
+        // The same root-only socket setup as the registration socket (0600, stale one replaced).
+        let listener = registration::bind(&path).map_err(|source| RunError::Bind {
+            what: "--explain-socket",
+            addr: path.display().to_string(),
+            source,
+        })?;
+        tokio::spawn(super::explain::serve(
+            listener,
+            path,
+            agent.clone(),
+            stop.clone(),
+        ));
+    }
     tokio::spawn(agent.creds.clone().refresher(REFRESH_SCAN, stop.clone()));
 
     let graceful = Arc::new(GracefulShutdown::new());
