@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # Build (one platform):  docker build -t irsa-imds .
 # Multi-arch:            docker buildx build --platform linux/amd64,linux/arm64 -t <registry>/irsa-imds:<tag> .
-# Each platform builds natively (buildx runs the other one under emulation), so ring's C parts
+# Each platform builds natively (buildx runs the other one under emulation), so aws-lc-rs's C parts (aws-lc-sys)
 # need no cross toolchain.
 #
 # The image carries the agent (glibc, dynamic: it runs in this image), the CNI plugin built
