@@ -13,7 +13,7 @@ use crate::identity::freshness::{
     NEGATIVE_TTL,
 };
 use crate::imds::DEFAULT_UPSTREAM_ALLOW;
-pub use crate::telemetry::LogFormat;
+pub(crate) use crate::telemetry::LogFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ImdsV2 {
@@ -33,7 +33,7 @@ pub enum IptablesBackend {
 
 impl IptablesBackend {
     /// The backend to program; `Auto` probes the node (runs iptables-*-save).
-    pub fn resolve(self) -> crate::netfilter::Backend {
+    pub(crate) fn resolve(self) -> crate::netfilter::Backend {
         use crate::netfilter::{Backend, detect_backend};
         match self {
             IptablesBackend::Auto => detect_backend(),
@@ -312,7 +312,7 @@ pub struct ValidConfig(Config, RolesSetup);
 
 /// The role sources beyond the ServiceAccount, checked: what the role resolver is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RolesSetup {
+pub(crate) struct RolesSetup {
     pub base: Option<crate::identity::kube2iam::BaseArn>,
     /// `--default-role` as an ARN (a bare name made one under the base ARN).
     pub default_role: Option<String>,
@@ -327,7 +327,7 @@ impl std::ops::Deref for ValidConfig {
 
 impl ValidConfig {
     /// The base ARN and the default role, checked.
-    pub fn roles(&self) -> &RolesSetup {
+    pub(crate) fn roles(&self) -> &RolesSetup {
         &self.1
     }
 
@@ -568,7 +568,7 @@ fn check_upstream_url(url: &str) -> Result<(), ConfigError> {
 }
 
 /// Parses `90s`, `15m`, `1h`, `750ms` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),

@@ -31,7 +31,7 @@ const XTABLES_WAIT: &str = "5";
 const IMDS_V4: &str = "169.254.169.254/32";
 const IMDS_V6: &str = "fd00:ec2::254/128";
 const COMMENT: &str = "irsa-imds";
-pub const CHAIN: &str = "IRSA-IMDS";
+pub(crate) const CHAIN: &str = "IRSA-IMDS";
 /// kube-proxy and the kubelet create these in the backend they use (iptables-wrapper reads them).
 const BACKEND_HINTS: &[&str] = &[":KUBE-IPTABLES-HINT", ":KUBE-KUBELET-CANARY"];
 
@@ -47,7 +47,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn binaries(self) -> (PathBuf, PathBuf) {
+    pub(crate) fn binaries(self) -> (PathBuf, PathBuf) {
         let (v4, v6) = match self {
             Backend::Legacy => ("iptables-legacy", "ip6tables-legacy"),
             Backend::Nft => ("iptables-nft", "ip6tables-nft"),
@@ -169,14 +169,14 @@ fn exec(bin: &std::path::Path, args: &[&str]) -> Result<Outcome, NetfilterError>
 
 /// What one backend's `*-save` shows: rule lines and whether kube's hint chains are there.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BackendUsage {
+pub(crate) struct BackendUsage {
     pub rules: usize,
     pub hinted: bool,
 }
 
 impl BackendUsage {
     /// Reads `iptables-save` output (v4 and v6 concatenated).
-    pub fn from_save(text: &str) -> Self {
+    pub(crate) fn from_save(text: &str) -> Self {
         BackendUsage {
             rules: text.lines().filter(|l| l.starts_with('-')).count(),
             hinted: text
@@ -188,7 +188,7 @@ impl BackendUsage {
 
 /// The iptables-wrapper decision: the backend kube's hint chains are in; else the one holding
 /// more rules; nft on a tie (a new node with nothing yet, where nft is the present default).
-pub fn choose_backend(legacy: BackendUsage, nft: BackendUsage) -> Backend {
+pub(crate) fn choose_backend(legacy: BackendUsage, nft: BackendUsage) -> Backend {
     match (legacy.hinted, nft.hinted) {
         (true, false) => Backend::Legacy,
         (false, true) => Backend::Nft,
@@ -199,7 +199,7 @@ pub fn choose_backend(legacy: BackendUsage, nft: BackendUsage) -> Backend {
 
 /// Detects the backend the node uses from `iptables-{legacy,nft}-save` (and the ip6tables ones).
 /// Without the split binaries (an image that ships only one `iptables`), [`Backend::Plain`].
-pub fn detect_backend() -> Backend {
+pub(crate) fn detect_backend() -> Backend {
     let usage = |b: Backend| -> Option<BackendUsage> {
         let (v4, v6) = b.binaries();
         let mut text = String::new();
@@ -236,7 +236,7 @@ pub fn detect_backend() -> Backend {
 
 impl RedirectRule {
     /// The standard rules: chain `IRSA-IMDS`, plain `iptables`/`ip6tables` from `PATH`.
-    pub fn new(
+    pub(crate) fn new(
         interfaces: &[String],
         target_v4: SocketAddrV4,
         target_v6: Option<SocketAddrV6>,
@@ -252,7 +252,7 @@ impl RedirectRule {
         }
     }
 
-    pub fn with_backend(mut self, backend: Backend) -> Self {
+    pub(crate) fn with_backend(mut self, backend: Backend) -> Self {
         (self.iptables, self.ip6tables) = backend.binaries();
         self
     }
@@ -356,7 +356,7 @@ impl RedirectRule {
     }
 
     /// Installs what is missing and repairs what was altered; true when anything changed.
-    pub fn ensure(&self) -> Result<bool, NetfilterError> {
+    pub(crate) fn ensure(&self) -> Result<bool, NetfilterError> {
         let mut changed = false;
         for p in self.placements() {
             changed |= self.ensure_placement(&p)?;
@@ -524,7 +524,7 @@ pub fn uninstall() -> Result<Vec<Backend>, NetfilterError> {
 /// Re-runs [`RedirectRule::ensure`] every `every` until `shutdown`; `on_restore` hears each repair.
 /// What one reconcile pass found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reconciled {
+pub(crate) enum Reconciled {
     /// The rules were in place.
     Intact,
     /// They were missing or altered, and are back.
@@ -533,7 +533,7 @@ pub enum Reconciled {
     Failed,
 }
 
-pub async fn reconcile(
+pub(crate) async fn reconcile(
     rule: Arc<RedirectRule>,
     every: Duration,
     shutdown: CancellationToken,

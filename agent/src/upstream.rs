@@ -37,14 +37,14 @@ pub enum UpstreamError {
     Request(String),
 }
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     base: String,
     client: Client<HttpConnector, Empty<Bytes>>,
     token: Mutex<Option<(String, Instant)>>,
 }
 
 impl Upstream {
-    pub fn new(base: &str) -> Self {
+    pub(crate) fn new(base: &str) -> Self {
         let client = Client::builder(TokioExecutor::new()).build_http();
         Upstream {
             base: base.trim_end_matches('/').to_string(),
@@ -107,7 +107,10 @@ impl Upstream {
 
     /// GETs `path` and returns the upstream status and body. Only [`crate::imds::route`] makes an
     /// [`UpstreamPath`], so nothing but a canonical, allow-listed path can get here.
-    pub async fn get(&self, path: &UpstreamPath) -> Result<(StatusCode, Bytes), UpstreamError> {
+    pub(crate) async fn get(
+        &self,
+        path: &UpstreamPath,
+    ) -> Result<(StatusCode, Bytes), UpstreamError> {
         let (status, body) = self.get_once(path).await?;
         if status == StatusCode::UNAUTHORIZED {
             // The token went stale (the instance's IMDS restarted): one fresh try.
@@ -118,7 +121,7 @@ impl Upstream {
     }
 
     /// The node's region, when the standard AWS settings do not name one.
-    pub async fn region(&self) -> Result<String, UpstreamError> {
+    pub(crate) async fn region(&self) -> Result<String, UpstreamError> {
         let (status, body) = self.get(&UpstreamPath::region()).await?;
         if status != StatusCode::OK {
             return Err(UpstreamError::Token(status.as_u16()));

@@ -14,12 +14,12 @@ use crate::pods::PodInfo;
 
 /// ServiceAccount reads and TokenRequests through a kube client.
 #[derive(Clone)]
-pub struct ApiServer {
+pub(crate) struct ApiServer {
     client: kube::Client,
 }
 
 impl ApiServer {
-    pub fn new(client: kube::Client) -> Self {
+    pub(crate) fn new(client: kube::Client) -> Self {
         ApiServer { client }
     }
 }

@@ -103,7 +103,7 @@ pub struct Served {
 }
 
 impl Served {
-    pub fn new(creds: Credentials) -> Self {
+    pub(crate) fn new(creds: Credentials) -> Self {
         Served {
             creds,
             body: std::sync::OnceLock::new(),
@@ -111,7 +111,7 @@ impl Served {
     }
 
     /// The body `render` makes of these credentials, rendered the first time only.
-    pub fn body(&self, render: impl FnOnce(&Credentials) -> bytes::Bytes) -> bytes::Bytes {
+    pub(crate) fn body(&self, render: impl FnOnce(&Credentials) -> bytes::Bytes) -> bytes::Bytes {
         self.body.get_or_init(|| render(&self.creds)).clone()
     }
 }
@@ -148,7 +148,7 @@ fn remaining(c: &Credentials, now: SystemTime) -> Duration {
 }
 
 /// Called when a role cannot be assumed (for Kubernetes Events).
-pub type FailureHook = Arc<dyn Fn(&PodInfo, &RoleSpec, &IdentityError) + Send + Sync>;
+pub(crate) type FailureHook = Arc<dyn Fn(&PodInfo, &RoleSpec, &IdentityError) + Send + Sync>;
 
 /// Slots by owner, for requests: a read takes no lock and builds no key. Pod scope: pod uid, then
 /// `""`; service-account scope: namespace, then ServiceAccount. Kept equal to the cache's
@@ -217,7 +217,7 @@ impl CredentialCache {
         }
     }
 
-    pub fn with_failure_hook(mut self, hook: FailureHook) -> Self {
+    pub(crate) fn with_failure_hook(mut self, hook: FailureHook) -> Self {
         self.on_failure = Some(hook);
         self
     }
@@ -232,7 +232,7 @@ impl CredentialCache {
     }
 
     /// Like [`get`](Self::get), without copying: the set as shared by every request it answers.
-    pub async fn get_served(
+    pub(crate) async fn get_served(
         self: &Arc<Self>,
         pod: &Arc<PodInfo>,
         role: &Arc<RoleSpec>,
@@ -274,7 +274,7 @@ impl CredentialCache {
 
     /// Warms the cache for a pod that just appeared, behind any request that is waiting. The slot
     /// is not held while queued, so the pod's own first request goes ahead of its prefetch.
-    pub async fn prefetch(self: &Arc<Self>, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) {
+    pub(crate) async fn prefetch(self: &Arc<Self>, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) {
         let slot = self.slot(pod, role).await;
         if self.servable(&slot).is_some() {
             return;
@@ -536,7 +536,7 @@ impl CredentialCache {
     }
 
     /// Runs [`refresh_due`](Self::refresh_due) every `every` until `shutdown`.
-    pub async fn refresher(
+    pub(crate) async fn refresher(
         self: Arc<Self>,
         every: Duration,
         shutdown: tokio_util::sync::CancellationToken,
@@ -585,7 +585,7 @@ impl CredentialCache {
 
     /// Credential sets held now (unexpired) and the least lifetime left among them (zero when
     /// none): read at each scrape, never on a request.
-    pub fn stats(&self) -> (usize, Duration) {
+    pub(crate) fn stats(&self) -> (usize, Duration) {
         let now = self.clock.now();
         let mut n = 0;
         let mut least: Option<Duration> = None;

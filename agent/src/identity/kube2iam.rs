@@ -24,7 +24,7 @@ use super::IdentityError;
 use super::roles::validate_role_arn;
 
 /// kube2iam's namespace annotation listing the roles its pods may name.
-pub const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
+pub(crate) const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";
 /// Namespaces whose allowed roles are remembered at once.
 const NAMESPACE_CACHE: u64 = 10_000;
 
@@ -66,13 +66,13 @@ impl BaseArn {
         Ok(BaseArn(base))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 /// kube2iam's rule: a value starting with `arn:` is an ARN, anything else a name under `base`.
-pub fn role_arn(value: &str, base: Option<&BaseArn>) -> Result<String, String> {
+pub(crate) fn role_arn(value: &str, base: Option<&BaseArn>) -> Result<String, String> {
     let value = value.trim();
     let arn = if value
         .get(..4)
@@ -145,7 +145,7 @@ pub struct NamespaceRestriction {
 }
 
 impl NamespaceRestriction {
-    pub fn new(
+    pub(crate) fn new(
         namespaces: Arc<dyn Namespaces>,
         format: RestrictionFormat,
         base: Option<BaseArn>,
@@ -164,7 +164,7 @@ impl NamespaceRestriction {
 
     /// Whether `namespace` allows `arn`. Concurrent misses share one read; errors are not
     /// remembered.
-    pub async fn allows(&self, namespace: &str, arn: &str) -> Result<bool, IdentityError> {
+    pub(crate) async fn allows(&self, namespace: &str, arn: &str) -> Result<bool, IdentityError> {
         let allowed = match self.cache.get(namespace).await {
             Some(a) => a,
             None => self

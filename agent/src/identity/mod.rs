@@ -30,7 +30,7 @@ impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
         Secret(s.into())
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -87,7 +87,7 @@ pub enum IdentityError {
 
 impl IdentityError {
     /// Throttling, IdP trouble, 5xx and timeouts are retried; refusals are reported, not hammered.
-    pub fn retryable(&self) -> bool {
+    pub(crate) fn retryable(&self) -> bool {
         match self {
             IdentityError::Kube { status, .. } => match status {
                 None => true,
@@ -100,7 +100,7 @@ impl IdentityError {
         }
     }
 
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             IdentityError::Kube { .. } => "kube",
             IdentityError::StsRejected { .. } => "sts_rejected",
@@ -114,7 +114,7 @@ impl IdentityError {
 /// The STS result of one `AssumeRoleWithWebIdentity` attempt as the fixed code set of
 /// `irsa_imds_sts_results_total{code}` (telemetry's `STS_CODES`): STS's own code where it says
 /// what to fix, a class otherwise. Never the message, never an unbounded string.
-pub fn sts_code_label<T>(r: &Result<T, IdentityError>) -> &'static str {
+pub(crate) fn sts_code_label<T>(r: &Result<T, IdentityError>) -> &'static str {
     let (code, refused) = match r {
         Ok(_) => return "ok",
         Err(IdentityError::StsRejected { code, .. }) => (code.as_str(), true),
@@ -138,7 +138,7 @@ pub fn sts_code_label<T>(r: &Result<T, IdentityError>) -> &'static str {
 }
 
 /// `success`, or the error's metric label: the outcome of one call, for counting.
-pub fn outcome_label<T>(r: &Result<T, IdentityError>) -> &'static str {
+pub(crate) fn outcome_label<T>(r: &Result<T, IdentityError>) -> &'static str {
     match r {
         Ok(_) => "success",
         Err(e) => e.metric_label(),
@@ -178,7 +178,7 @@ pub trait Clock: Send + Sync {
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
@@ -188,7 +188,7 @@ impl Clock for SystemClock {
 
 /// `RoleSessionName` for CloudTrail: `<namespace>.<pod>`, within STS's `[\w+=,.@-]{2,64}`;
 /// longer names keep their start and end in a hash so two pods never share one.
-pub fn session_name(namespace: &str, pod: &str) -> String {
+pub(crate) fn session_name(namespace: &str, pod: &str) -> String {
     let raw: String = format!("{namespace}.{pod}")
         .chars()
         .map(|c| {

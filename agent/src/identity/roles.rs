@@ -13,11 +13,11 @@ use super::kube2iam::{self, BaseArn, NamespaceRestriction};
 use super::{IdentityError, ServiceAccounts};
 use crate::pods::PodInfo;
 
-pub const AUDIENCE_ANNOTATION: &str = "eks.amazonaws.com/audience";
-pub const TOKEN_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
-pub const REGIONAL_STS_ANNOTATION: &str = "eks.amazonaws.com/sts-regional-endpoints";
+pub(crate) const AUDIENCE_ANNOTATION: &str = "eks.amazonaws.com/audience";
+pub(crate) const TOKEN_EXPIRATION_ANNOTATION: &str = "eks.amazonaws.com/token-expiration";
+pub(crate) const REGIONAL_STS_ANNOTATION: &str = "eks.amazonaws.com/sts-regional-endpoints";
 /// The TokenRequest API's minimum; the token is used once, right away, and never leaves the agent.
-pub const MIN_TOKEN_EXPIRATION: i64 = 600;
+pub(crate) const MIN_TOKEN_EXPIRATION: i64 = 600;
 
 /// The role a pod is granted and how to ask for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub enum RoleSource {
 }
 
 impl RoleSource {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RoleSource::ServiceAccount => "service_account",
             RoleSource::PodAnnotation => "pod_annotation",
@@ -71,13 +71,13 @@ pub enum RoleGrant {
 
 impl RoleSpec {
     /// The last segment of the ARN: what `security-credentials/` lists.
-    pub fn role_name(&self) -> &str {
+    pub(crate) fn role_name(&self) -> &str {
         self.role_arn.rsplit('/').next().unwrap_or(&self.role_arn)
     }
 }
 
 /// Checks `arn:<partition>:iam::<12 digits>:role/<path/>name`.
-pub fn validate_role_arn(arn: &str) -> Result<(), String> {
+pub(crate) fn validate_role_arn(arn: &str) -> Result<(), String> {
     let parts: Vec<&str> = arn.splitn(6, ':').collect();
     let [scheme, partition, service, region, account, resource] = parts.as_slice() else {
         return Err("not an ARN".into());
@@ -133,7 +133,7 @@ pub struct Kube2iamMode {
 }
 
 impl RoleResolver {
-    pub fn new(
+    pub(crate) fn new(
         accounts: Arc<dyn ServiceAccounts>,
         annotation: String,
         default_audience: String,
@@ -160,13 +160,13 @@ impl RoleResolver {
     }
 
     /// Reads kube2iam's pod annotation for pods whose ServiceAccount names no role.
-    pub fn with_kube2iam(mut self, mode: Kube2iamMode) -> Self {
+    pub(crate) fn with_kube2iam(mut self, mode: Kube2iamMode) -> Self {
         self.kube2iam = Some(mode);
         self
     }
 
     /// Grants `role_arn` to pods that name none (assumed with the pod's own token, like any).
-    pub fn with_default_role(mut self, role_arn: String) -> Self {
+    pub(crate) fn with_default_role(mut self, role_arn: String) -> Self {
         self.default_role = Some(Arc::new(self.fallback_spec(role_arn, RoleSource::Default)));
         self
     }
@@ -185,7 +185,7 @@ impl RoleResolver {
 
     /// The role for `namespace/service_account`, or `None` when it names none. Concurrent misses
     /// share one read; errors are not cached.
-    pub async fn resolve(
+    pub(crate) async fn resolve(
         &self,
         namespace: &str,
         service_account: &str,
@@ -262,7 +262,7 @@ impl RoleResolver {
     /// What `pod` is granted: its ServiceAccount's role (always first); else, in kube2iam mode,
     /// the role its annotation names if its namespace allows it; else the default role; else
     /// none. A refused annotation does not fall back to the default role (kube2iam does not).
-    pub async fn grant(&self, pod: &PodInfo) -> Result<RoleGrant, IdentityError> {
+    pub(crate) async fn grant(&self, pod: &PodInfo) -> Result<RoleGrant, IdentityError> {
         if let Some(role) = self.resolve(&pod.namespace, &pod.service_account).await? {
             return Ok(RoleGrant::Role(role));
         }

@@ -37,7 +37,7 @@ impl SdkSts {
     /// Clients for `region` (given explicitly, so the SDK never looks for one in the real IMDS),
     /// at `endpoint` when one is given, else where the SDK's own settings (`AWS_ENDPOINT_URL`)
     /// or the region say.
-    pub async fn new(region: String, endpoint: Option<String>) -> Self {
+    pub(crate) async fn new(region: String, endpoint: Option<String>) -> Self {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if let Some(e) = &endpoint {
             loader = loader.endpoint_url(e);

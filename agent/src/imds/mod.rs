@@ -15,8 +15,8 @@ pub use respond::{
 };
 pub use token::{TokenAuthority, TokenError};
 
-pub const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
-pub const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
+pub(crate) const TOKEN_HEADER: &str = "x-aws-ec2-metadata-token";
+pub(crate) const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// Paths longer than this are refused before any matching: real metadata paths are short.
 const MAX_PATH_LEN: usize = 512;
 
@@ -39,7 +39,7 @@ pub enum Route {
 
 impl Route {
     /// Low-cardinality name for metrics and logs.
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Route::IssueToken { .. } => "token",
             Route::RoleList => "role_list",
@@ -61,30 +61,30 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
+    pub(crate) fn new(status: StatusCode, body: impl Into<Bytes>) -> Self {
         Reply {
             status,
             body: body.into(),
             headers: Vec::new(),
         }
     }
-    pub fn ok(body: impl Into<Bytes>) -> Self {
+    pub(crate) fn ok(body: impl Into<Bytes>) -> Self {
         Self::new(StatusCode::OK, body)
     }
-    pub fn not_found() -> Self {
+    pub(crate) fn not_found() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
             wire::error_page(StatusCode::NOT_FOUND),
         )
     }
-    pub fn status(status: StatusCode) -> Self {
+    pub(crate) fn status(status: StatusCode) -> Self {
         Self::new(status, wire::error_page(status))
     }
 }
 
 /// Default upstream allow-list: what SDKs read for region and identity. Never the node's
 /// credentials, which are refused whatever this list says.
-pub const DEFAULT_UPSTREAM_ALLOW: &[&str] = &[
+pub(crate) const DEFAULT_UPSTREAM_ALLOW: &[&str] = &[
     "meta-data/placement/*",
     "meta-data/instance-id",
     "meta-data/instance-type",
@@ -208,7 +208,7 @@ pub struct UpstreamPath(String);
 
 impl UpstreamPath {
     /// The node's region, which the agent itself reads at start when no AWS setting names it.
-    pub fn region() -> Self {
+    pub(crate) fn region() -> Self {
         UpstreamPath("/latest/meta-data/placement/region".into())
     }
 
@@ -290,7 +290,7 @@ fn allow_match(pattern: &str, path: &str) -> Option<String> {
 }
 
 /// The session token a GET carries, if any.
-pub fn session_token(headers: &HeaderMap) -> Option<&[u8]> {
+pub(crate) fn session_token(headers: &HeaderMap) -> Option<&[u8]> {
     headers.get(TOKEN_HEADER).map(|v| v.as_bytes())
 }
 

@@ -107,7 +107,7 @@ impl Refusal {
         Refusal::WrongRoleName,
     ];
 
-    pub fn metric_label(self) -> &'static str {
+    pub(crate) fn metric_label(self) -> &'static str {
         match self {
             Refusal::UnknownSource => "unknown_source",
             Refusal::Ambiguous => "ambiguous",
@@ -121,7 +121,7 @@ impl Refusal {
     }
 
     /// The reason in words, for the log line.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Refusal::UnknownSource => {
                 "caller not identified: no pod of this node has the source address"
@@ -156,7 +156,7 @@ impl Refusal {
 
 /// What a pod is told when its role cannot be assumed. Fixed: the cause (which may name the
 /// agent's own ServiceAccount or quote the API server) goes to the logs and the pod's Events.
-pub const ASSUME_ROLE_FAILED: &str =
+pub(crate) const ASSUME_ROLE_FAILED: &str =
     "The role could not be assumed for this pod; see the pod's events for the cause.";
 
 /// A credential set is audited once per pod; it lives at most 12 h (STS), so entries can go after.
@@ -189,7 +189,7 @@ impl std::fmt::Debug for Protocol {
 }
 
 impl Protocol {
-    pub fn new(tokens: TokenAuthority, policy: Policy) -> Self {
+    pub(crate) fn new(tokens: TokenAuthority, policy: Policy) -> Self {
         Protocol {
             tokens,
             policy,
@@ -225,7 +225,12 @@ impl Protocol {
         skip_all,
         fields(source_ip = %ip, route = Empty, pod = Empty, namespace = Empty, service_account = Empty)
     )]
-    pub async fn decide(&self, head: RequestHead<'_>, ip: IpAddr, seams: Seams<'_>) -> Decision {
+    pub(crate) async fn decide(
+        &self,
+        head: RequestHead<'_>,
+        ip: IpAddr,
+        seams: Seams<'_>,
+    ) -> Decision {
         match route(head.method, head.path, head.headers, &self.policy) {
             Err(reply) => Decision {
                 route: "rejected",

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 /// EC2 accepts TTLs of 1..=21600 seconds.
-pub const MAX_TTL_SECS: u64 = 21_600;
+pub(crate) const MAX_TTL_SECS: u64 = 21_600;
 const VERSION: u8 = 1;
 const BODY_LEN: usize = 1 + 8 + 16;
 /// Longer tokens are rejected before any decoding: a real one is 77 characters.
@@ -47,7 +47,7 @@ impl fmt::Debug for TokenAuthority {
 }
 
 /// Parses the `X-aws-ec2-metadata-token-ttl-seconds` header value as EC2 does.
-pub fn parse_ttl(value: &[u8]) -> Result<u64, TokenError> {
+pub(crate) fn parse_ttl(value: &[u8]) -> Result<u64, TokenError> {
     let s = std::str::from_utf8(value).map_err(|_| TokenError::InvalidTtl)?;
     if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(TokenError::InvalidTtl);

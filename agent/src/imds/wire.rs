@@ -6,7 +6,7 @@ use http::StatusCode;
 use serde::Serialize;
 
 /// `YYYY-MM-DDTHH:MM:SSZ`: no fractions (some SDKs' parsers reject them).
-pub fn timestamp(t: SystemTime) -> String {
+pub(crate) fn timestamp(t: SystemTime) -> String {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -32,7 +32,7 @@ struct CredentialsBody<'a> {
 }
 
 /// The body of `iam/security-credentials/<role>` on success, field order as EC2's.
-pub fn credentials(
+pub(crate) fn credentials(
     access_key_id: &str,
     secret: &str,
     token: &str,
@@ -60,7 +60,7 @@ struct FailureBody<'a> {
 
 /// What EC2 answers when it cannot assume the instance profile's role: 200 with a failure code and
 /// no keys, so SDKs report "no credentials" instead of retrying forever.
-pub fn assume_role_failure(message: &str, updated: SystemTime) -> String {
+pub(crate) fn assume_role_failure(message: &str, updated: SystemTime) -> String {
     pretty(&FailureBody {
         code: "AssumeRoleUnauthorizedAccess",
         message,
@@ -78,7 +78,7 @@ struct InfoBody {
 }
 
 /// The pod's view of `iam/info`: an instance profile named after its role.
-pub fn info(role_arn: &str, updated: SystemTime) -> String {
+pub(crate) fn info(role_arn: &str, updated: SystemTime) -> String {
     let (prefix, name) = role_arn.split_once(":role/").unwrap_or((role_arn, ""));
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, role_arn.as_bytes());
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -102,7 +102,7 @@ fn pretty<T: Serialize>(v: &T) -> String {
 }
 
 /// The small HTML page EC2 returns with error statuses.
-pub fn error_page(status: StatusCode) -> String {
+pub(crate) fn error_page(status: StatusCode) -> String {
     let code = status.as_u16();
     let reason = status.canonical_reason().unwrap_or("Error");
     format!(

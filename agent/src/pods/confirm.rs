@@ -51,12 +51,12 @@ pub trait PodSource: Send + Sync {
 
 /// Direct reads through a kube client.
 #[derive(Clone)]
-pub struct KubePods {
+pub(crate) struct KubePods {
     client: kube::Client,
 }
 
 impl KubePods {
-    pub fn new(client: kube::Client) -> Self {
+    pub(crate) fn new(client: kube::Client) -> Self {
         KubePods { client }
     }
 }
@@ -84,7 +84,7 @@ impl PodSource for KubePods {
 
 /// Confirms `reg` in `index` with what `source` says of its pod; returns the pod when it was
 /// confirmed (a pod of `node`, not hostNetwork, not terminated), for a prefetch.
-pub async fn confirm(
+pub(crate) async fn confirm(
     index: &PodIndex,
     source: &dyn PodSource,
     node: &str,

@@ -44,13 +44,13 @@ pub struct PodInfo {
 }
 
 /// kube2iam's pod annotation naming the pod's role (kube2iam's `--iam-role-key` default).
-pub const KUBE2IAM_ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
+pub(crate) const KUBE2IAM_ROLE_ANNOTATION: &str = "iam.amazonaws.com/role";
 /// Longer annotation values are not a role (an ARN is at most 2048 characters).
 const MAX_ROLE_ANNOTATION: usize = 2048;
 
 impl PodInfo {
     /// Trims an API object down to a `PodInfo`; `None` when it lacks what identifies it.
-    pub fn from_pod(pod: &Pod) -> Option<PodInfo> {
+    pub(crate) fn from_pod(pod: &Pod) -> Option<PodInfo> {
         let md = &pod.metadata;
         let spec = pod.spec.as_ref();
         let status = pod.status.as_ref();
@@ -130,7 +130,7 @@ pub enum Lookup {
 }
 
 impl Lookup {
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Lookup::Found(_) => "found",
             Lookup::Unknown => "unknown",
@@ -197,7 +197,7 @@ pub struct RegTrace {
 
 /// A pod that must never match an IP again: its CNI DEL arrived, or a newer ADD took the IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revocation {
+pub(crate) struct Revocation {
     pub namespace: String,
     pub name: String,
     /// The revoked pod's uid when it was known (confirmed registration, or the watch showed the
@@ -423,7 +423,7 @@ impl Default for PodIndex {
 }
 
 impl PodIndex {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         PodIndex {
             state: Mutex::new(State::default()),
             changed: tokio::sync::watch::channel(0).0,
@@ -477,7 +477,7 @@ impl PodIndex {
     }
 
     /// Adds or updates a pod from the watch.
-    pub fn upsert(&self, info: PodInfo) -> Vec<Change> {
+    pub(crate) fn upsert(&self, info: PodInfo) -> Vec<Change> {
         let info = Arc::new(info);
         let mut changes = Vec::new();
         {
@@ -504,7 +504,7 @@ impl PodIndex {
     }
 
     /// Removes a pod the watch saw deleted.
-    pub fn remove(&self, uid: &str) -> Option<Arc<PodInfo>> {
+    pub(crate) fn remove(&self, uid: &str) -> Option<Arc<PodInfo>> {
         let removed = {
             let mut st = self.lock();
             let p = st.pods.remove(uid)?;
@@ -532,7 +532,7 @@ impl PodIndex {
     }
 
     /// Replaces the watch's view after a (re)list; returns what appeared and what vanished.
-    pub fn replace_all(&self, pods: Vec<PodInfo>) -> Vec<Change> {
+    pub(crate) fn replace_all(&self, pods: Vec<PodInfo>) -> Vec<Change> {
         let fresh: HashSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
         let gone: Vec<String> = self
             .lock()
@@ -559,11 +559,11 @@ impl PodIndex {
         changes
     }
 
-    pub fn is_synced(&self) -> bool {
+    pub(crate) fn is_synced(&self) -> bool {
         self.lock().synced
     }
 
-    pub fn pod_count(&self) -> usize {
+    pub(crate) fn pod_count(&self) -> usize {
         self.lock().pods.len()
     }
 
@@ -573,7 +573,7 @@ impl PodIndex {
     ///
     /// An ADD never lifts a revocation: a same-name pod (StatefulSet) is a new pod, and the old
     /// one stays refused on its old IP until the watch shows it gone.
-    pub fn register(&self, reg: Registration) {
+    pub(crate) fn register(&self, reg: Registration) {
         self.insert_registration(reg, None);
         self.notify();
     }
@@ -625,7 +625,7 @@ impl PodIndex {
     /// Records the pod a registration belongs to, as read from the API right after ADD (or
     /// after a restart). Refused when the names differ, or when the sandbox is known to belong
     /// to another uid (a same-name pod created since).
-    pub fn confirm(&self, container_id: &str, info: PodInfo) -> bool {
+    pub(crate) fn confirm(&self, container_id: &str, info: PodInfo) -> bool {
         let ok = {
             let mut st = self.lock();
             match st.regs.get_mut(container_id) {
@@ -646,7 +646,7 @@ impl PodIndex {
     }
 
     /// A CNI DEL: the IPs stop matching this pod at once. Idempotent.
-    pub fn unregister(&self, container_id: &str) -> Option<Registration> {
+    pub(crate) fn unregister(&self, container_id: &str) -> Option<Registration> {
         let now = unix_now();
         let reg = {
             let mut st = self.lock();
@@ -663,7 +663,7 @@ impl PodIndex {
 
     /// Drops every registration whose sandbox `keep` rejects (CNI GC), each as by its DEL;
     /// returns how many went.
-    pub fn retain_registrations(&self, keep: impl Fn(&str) -> bool) -> usize {
+    pub(crate) fn retain_registrations(&self, keep: impl Fn(&str) -> bool) -> usize {
         let stale: Vec<String> = self
             .lock()
             .regs
@@ -679,14 +679,14 @@ impl PodIndex {
 
     /// Keeps registrations and revocations in `store` from now on ([`persist`](Self::persist)).
     /// Set once, at start; later calls are ignored.
-    pub fn set_store(&self, store: state::StateStore) {
+    pub(crate) fn set_store(&self, store: state::StateStore) {
         let _ = self.store.set(store);
     }
 
     /// Writes registrations and revocations to the state file, if there is one. Writes are
     /// serialised and each writes the state as it is when its turn comes, so the last write
     /// always holds the latest state.
-    pub async fn persist(&self) -> Result<(), state::StateError> {
+    pub(crate) async fn persist(&self) -> Result<(), state::StateError> {
         let Some(store) = self.store.get() else {
             return Ok(());
         };
@@ -695,7 +695,7 @@ impl PodIndex {
 
     /// What the state file keeps: every registration (with its pod uid when known) and every
     /// revocation.
-    pub fn snapshot(&self) -> state::Snapshot {
+    pub(crate) fn snapshot(&self) -> state::Snapshot {
         let st = self.lock();
         let mut registrations: Vec<state::SavedRegistration> = st
             .regs
@@ -732,7 +732,7 @@ impl PodIndex {
 
     /// Loads a saved state into an index that has not served yet; returns the registrations,
     /// to be confirmed again against the API.
-    pub fn restore(&self, snap: state::Snapshot) -> Vec<Registration> {
+    pub(crate) fn restore(&self, snap: state::Snapshot) -> Vec<Registration> {
         let mut regs = Vec::with_capacity(snap.registrations.len());
         for r in snap.registrations {
             let reg = Registration {
@@ -761,7 +761,7 @@ impl PodIndex {
     }
 
     /// Whether `container_id` is registered with exactly these IPs (CNI CHECK).
-    pub fn is_registered(&self, container_id: &str, ips: &[IpAddr]) -> bool {
+    pub(crate) fn is_registered(&self, container_id: &str, ips: &[IpAddr]) -> bool {
         let st = self.lock();
         st.regs.get(container_id).is_some_and(|e| {
             let mut a = e.reg.ips.clone();
@@ -823,13 +823,13 @@ impl PodIndex {
     }
 
     /// The pod currently registered or watched under (namespace, name), if live.
-    pub fn lookup(&self, ip: IpAddr) -> Lookup {
+    pub(crate) fn lookup(&self, ip: IpAddr) -> Lookup {
         self.lock().lookup(ip)
     }
 
     /// Like [`lookup`](Self::lookup), but waits up to `wait` for an unknown or pending IP to be
     /// resolved by a registration or a watch event.
-    pub async fn resolve(&self, ip: IpAddr, wait: Duration) -> Lookup {
+    pub(crate) async fn resolve(&self, ip: IpAddr, wait: Duration) -> Lookup {
         if let Some(found) = self.snapshot_lookup(ip) {
             return found;
         }

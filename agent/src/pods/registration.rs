@@ -40,7 +40,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub fn metric_label(&self) -> &'static str {
+    pub(crate) fn metric_label(&self) -> &'static str {
         match self {
             Op::Add(_) => "add",
             Op::Del { .. } => "del",
@@ -105,7 +105,7 @@ pub(crate) fn validate(
 }
 
 /// Binds the socket, replacing a stale one from a previous run, readable by root only.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -122,7 +122,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Applies a valid op to the index. `on_add` hears new registrations (the agent confirms the
 /// pod with a direct read and prefetches its credentials).
-pub fn apply(index: &PodIndex, op: &Op) -> Result<(), RegistrationError> {
+pub(crate) fn apply(index: &PodIndex, op: &Op) -> Result<(), RegistrationError> {
     match op {
         Op::Add(reg) => {
             index.register(reg.clone());
@@ -151,10 +151,10 @@ pub fn apply(index: &PodIndex, op: &Op) -> Result<(), RegistrationError> {
 }
 
 /// Hears every op and whether it was applied (metrics, and the agent's confirm-and-prefetch).
-pub type OpHook = Arc<dyn Fn(&Op, bool) + Send + Sync>;
+pub(crate) type OpHook = Arc<dyn Fn(&Op, bool) + Send + Sync>;
 
 /// Serves registrations until `shutdown`; removes the socket file on the way out.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: UnixListener,
     path: PathBuf,
     index: Arc<PodIndex>,

@@ -58,7 +58,7 @@ pub struct SavedRevocation {
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum StateError {
+pub(crate) enum StateError {
     #[error("state file {path}: {source}")]
     Io {
         path: String,
@@ -119,7 +119,7 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(path: impl Into<PathBuf>) -> Self {
         StateStore {
             path: path.into(),
             write: tokio::sync::Mutex::new(()),
@@ -138,7 +138,7 @@ impl StateStore {
     }
 
     /// The saved state; `None` when there is no file (first start, or after a reboot).
-    pub fn load(&self) -> Result<Option<Snapshot>, StateError> {
+    pub(crate) fn load(&self) -> Result<Option<Snapshot>, StateError> {
         let f = match std::fs::File::open(&self.path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -164,7 +164,7 @@ impl StateStore {
 
     /// Moves an unusable file out of the way (`<file>.bad`), so the next write starts clean and
     /// the bad one stays for inspection. Returns where it went.
-    pub fn set_aside(&self) -> Option<PathBuf> {
+    pub(crate) fn set_aside(&self) -> Option<PathBuf> {
         let mut bad = self.path.clone().into_os_string();
         bad.push(".bad");
         let bad = PathBuf::from(bad);
@@ -172,7 +172,10 @@ impl StateStore {
     }
 
     /// Writes what `snapshot` returns once this write's turn comes.
-    pub async fn save_with(&self, snapshot: impl FnOnce() -> Snapshot) -> Result<(), StateError> {
+    pub(crate) async fn save_with(
+        &self,
+        snapshot: impl FnOnce() -> Snapshot,
+    ) -> Result<(), StateError> {
         let _turn = self.write.lock().await;
         let bytes = serde_json::to_vec(&snapshot()).map_err(|e| StateError::Invalid {
             path: self.path.display().to_string(),

@@ -24,7 +24,7 @@ const MAX_NOTE_CHARS: usize = 1000;
 
 /// The pod an event is about.
 #[derive(Debug, Clone, Copy)]
-pub struct PodRef<'a> {
+pub(crate) struct PodRef<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub uid: &'a str,
@@ -33,7 +33,7 @@ pub struct PodRef<'a> {
 /// The Events' `reportingController`.
 const CONTROLLER: &str = "irsa-imds";
 
-pub struct EventSink {
+pub(crate) struct EventSink {
     client: kube::Client,
     /// The Events' `reportingInstance`: this agent's pod.
     instance: String,
@@ -42,7 +42,7 @@ pub struct EventSink {
 
 impl EventSink {
     /// `instance` names this agent's pod as the event's reporter.
-    pub fn new(client: kube::Client, instance: Option<String>) -> Arc<Self> {
+    pub(crate) fn new(client: kube::Client, instance: Option<String>) -> Arc<Self> {
         Arc::new(EventSink {
             client,
             instance: instance.unwrap_or_else(|| CONTROLLER.into()),
@@ -55,7 +55,7 @@ impl EventSink {
 
     /// A Warning `AssumeRoleFailed` on `pod`; `reason` is the failure's metric label (the
     /// de-duplication key), `note` what the operator reads.
-    pub fn role_failed(self: &Arc<Self>, pod: PodRef<'_>, reason: &'static str, note: &str) {
+    pub(crate) fn role_failed(self: &Arc<Self>, pod: PodRef<'_>, reason: &'static str, note: &str) {
         let key = (pod.uid.to_string(), reason);
         if self.recent.contains_key(&key) {
             return;

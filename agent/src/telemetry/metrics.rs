@@ -102,7 +102,7 @@ fn position(list: &[&str], s: &str) -> Option<usize> {
 /// A latency histogram whose observations are relaxed atomic adds: requests of different pods
 /// never wait for one another to record their time (prometheus-client's own takes a mutex).
 #[derive(Debug, Clone)]
-pub struct LatencyHistogram(std::sync::Arc<HistogramInner>);
+pub(crate) struct LatencyHistogram(std::sync::Arc<HistogramInner>);
 
 #[derive(Debug)]
 struct HistogramInner {
@@ -125,7 +125,7 @@ impl LatencyHistogram {
         }))
     }
 
-    pub fn observe(&self, seconds: f64) {
+    pub(crate) fn observe(&self, seconds: f64) {
         let h = &self.0;
         let i = h
             .bounds
@@ -357,26 +357,26 @@ impl Metrics {
 
     /// A 404 answered to a caller, by the reason's metric label: one relaxed add on a handle
     /// resolved at start (no lookup in a family, no lock, no allocation).
-    pub fn not_found(&self, reason: &'static str) {
+    pub(crate) fn not_found(&self, reason: &'static str) {
         let i = position(&NOT_FOUND_REASONS, reason).unwrap_or(NOT_FOUND_REASONS.len() - 1);
         self.hot.not_found[i].inc();
     }
 
     /// One `AssumeRoleWithWebIdentity` attempt: its STS code (one of [`STS_CODES`]; anything
     /// else counts as `other`) and how long it took.
-    pub fn sts_result(&self, code: &'static str, seconds: f64) {
+    pub(crate) fn sts_result(&self, code: &'static str, seconds: f64) {
         let i = position(&STS_CODES, code).unwrap_or(STS_CODES.len() - 1);
         self.sts_results[i].inc();
         self.sts_seconds.observe(seconds);
     }
 
     /// How long one TokenRequest took.
-    pub fn token_request_seconds(&self, seconds: f64) {
+    pub(crate) fn token_request_seconds(&self, seconds: f64) {
         self.token_request_seconds.observe(seconds);
     }
 
     /// The credential sets cached now and the least lifetime left among them.
-    pub fn set_cached_credentials(&self, sets: usize, min_remaining_secs: u64) {
+    pub(crate) fn set_cached_credentials(&self, sets: usize, min_remaining_secs: u64) {
         self.cached_credentials
             .set(i64::try_from(sets).unwrap_or(i64::MAX));
         self.min_remaining
@@ -384,7 +384,7 @@ impl Metrics {
     }
 
     /// Whether `/readyz` says ready (set at each scrape).
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.set(i64::from(ready));
     }
 
@@ -434,7 +434,7 @@ impl Metrics {
         position(&NOT_FOUND_REASONS, reason).map_or(0, |i| self.hot.not_found[i].get())
     }
 
-    pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
+    pub(crate) fn request(&self, route: &'static str, status: u16, seconds: f64) {
         let code = status_label(status);
         let series = || {
             self.requests
@@ -458,7 +458,7 @@ impl Metrics {
         }
     }
 
-    pub fn lookup(&self, result: &'static str) {
+    pub(crate) fn lookup(&self, result: &'static str) {
         let series = || self.lookups.get_or_create(&[("result", result)]).clone();
         match position(&LOOKUPS, result) {
             Some(i) => self.hot.lookups[i].get_or_init(series).inc(),
@@ -467,14 +467,14 @@ impl Metrics {
     }
 
     /// A TokenRequest call: `success` or the error's metric label.
-    pub fn count_token_request(&self, outcome: &'static str) {
+    pub(crate) fn count_token_request(&self, outcome: &'static str) {
         self.token_requests
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
     }
 
     /// An `AssumeRoleWithWebIdentity` call: `success` or the error's metric label.
-    pub fn count_sts_call(&self, outcome: &'static str) {
+    pub(crate) fn count_sts_call(&self, outcome: &'static str) {
         self.sts_calls
             .get_or_create(&vec![("outcome", outcome)])
             .inc();
@@ -486,7 +486,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn registration(&self, op: &'static str, ok: bool) {
+    pub(crate) fn registration(&self, op: &'static str, ok: bool) {
         self.registrations
             .get_or_create(&vec![
                 ("op", op),
@@ -495,20 +495,20 @@ impl Metrics {
             .inc();
     }
 
-    pub fn rule_restored(&self) {
+    pub(crate) fn rule_restored(&self) {
         self.rule_restorations.inc();
     }
 
-    pub fn cni_rechained(&self) {
+    pub(crate) fn cni_rechained(&self) {
         self.cni_rechains.inc();
     }
 
-    pub fn set_pods(&self, n: usize) {
+    pub(crate) fn set_pods(&self, n: usize) {
         self.pods.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// A connection closed at accept: `listener` is `imds` or `ops`, `reason` the refusal's label.
-    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+    pub(crate) fn connection_refused(&self, listener: &'static str, reason: &'static str) {
         self.connections_refused
             .get_or_create(&[("listener", listener), ("reason", reason)])
             .inc();

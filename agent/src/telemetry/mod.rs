@@ -6,7 +6,7 @@
 pub mod events;
 pub mod metrics;
 
-pub use events::{EventSink, PodRef};
+pub(crate) use events::{EventSink, PodRef};
 pub use metrics::Metrics;
 
 /// How log lines are written.
