@@ -36,7 +36,7 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Container, Namespace, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
@@ -453,23 +453,10 @@ impl ControlPlane {
         ips: &[&str],
     ) -> anyhow::Result<Pod> {
         let api: Api<Pod> = Api::namespaced(self.admin_client().await?, ns);
+        // The pod as the emulated API would hold it; its status is the kubelet's, set below.
         let pod = Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.into()),
-                service_account_name: Some(sa.into()),
-                containers: vec![Container {
-                    name: "app".into(),
-                    image: Some("app:1".into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
+            status: None,
+            ..crate::kube_api::pod(ns, name, node, sa, &[])
         };
         api.create(&PostParams::default(), &pod).await?;
         self.set_pod_ips(ns, name, ips).await

@@ -344,20 +344,50 @@ mod tests {
         assert!(parse(br#"{"v":1,"op":"gc","valid":["../x"]}"#).is_err());
     }
 
+    /// A registration socket served from a directory of its own, as the agent serves it.
+    struct Socket {
+        dir: PathBuf,
+        path: PathBuf,
+        index: Arc<PodIndex>,
+        stop: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Socket {
+        fn start(tag: &str) -> Socket {
+            let dir = std::env::temp_dir().join(format!("irsa-{tag}-{}", std::process::id()));
+            let path = dir.join("cni.sock");
+            let listener = bind(&path).unwrap();
+            let index = Arc::new(PodIndex::new());
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(serve(
+                listener,
+                path.clone(),
+                index.clone(),
+                Arc::new(|_: &Op, _| {}),
+                stop.clone(),
+            ));
+            Socket {
+                dir,
+                path,
+                index,
+                stop,
+                task,
+            }
+        }
+
+        /// Stops serving (the socket file goes) and removes the directory.
+        async fn shut_down(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     #[tokio::test]
     async fn socket_round_trip_registers_and_unregisters() {
-        let dir = std::env::temp_dir().join(format!("irsa-reg-{}", std::process::id()));
-        let path = dir.join("cni.sock");
-        let listener = bind(&path).unwrap();
-        let index = Arc::new(PodIndex::new());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            listener,
-            path.clone(),
-            index.clone(),
-            Arc::new(|_: &Op, _| {}),
-            stop.clone(),
-        ));
+        let sock = Socket::start("reg");
+        let (path, index) = (sock.path.clone(), sock.index.clone());
 
         async fn send(path: &Path, msg: &str) -> String {
             let mut s = UnixStream::connect(path).await.unwrap();
@@ -402,28 +432,15 @@ mod tests {
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
             .unwrap();
         assert_eq!(mode & 0o777, 0o600);
-        stop.cancel();
-        task.await.unwrap();
+        sock.shut_down().await;
         assert!(!path.exists(), "socket removed on shutdown");
-        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
     async fn an_oversized_request_gets_the_json_error_not_a_reset() {
-        let dir = std::env::temp_dir().join(format!("irsa-big-{}", std::process::id()));
-        let path = dir.join("cni.sock");
-        let listener = bind(&path).unwrap();
-        let index = Arc::new(PodIndex::new());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            listener,
-            path.clone(),
-            index.clone(),
-            Arc::new(|_: &Op, _| {}),
-            stop.clone(),
-        ));
+        let sock = Socket::start("big");
         // What the plugin does: write the whole line, then read the answer.
-        let p2 = path.clone();
+        let p2 = sock.path.clone();
         let reply = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut s = std::os::unix::net::UnixStream::connect(&p2).unwrap();
@@ -442,9 +459,7 @@ mod tests {
             reply.contains("\"ok\":false") && reply.contains("larger than"),
             "{reply}"
         );
-        stop.cancel();
-        task.await.unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        sock.shut_down().await;
     }
 
     /// Defence in depth: even with the socket opened up, a non-root peer is refused.
@@ -462,20 +477,10 @@ mod tests {
             return;
         }
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("irsa-peer-{}", std::process::id()));
-        let path = dir.join("cni.sock");
-        let listener = bind(&path).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = Socket::start("peer");
+        let (path, index) = (sock.path.clone(), sock.index.clone());
+        std::fs::set_permissions(&sock.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let index = Arc::new(PodIndex::new());
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(serve(
-            listener,
-            path.clone(),
-            index.clone(),
-            Arc::new(|_: &Op, _| {}),
-            stop.clone(),
-        ));
         let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ns.sendall(sys.argv[2].encode()+b'\\n')\nprint(s.recv(4096).decode())";
         let add = r#"{"v":1,"op":"add","containerId":"c1","namespace":"ns","name":"p","ips":["10.1.0.9"]}"#;
         let out = tokio::process::Command::new("/usr/bin/setpriv")
@@ -503,8 +508,6 @@ mod tests {
             super::super::Lookup::Unknown,
             "nothing registered"
         );
-        stop.cancel();
-        task.await.unwrap();
-        let _ = std::fs::remove_dir_all(dir);
+        sock.shut_down().await;
     }
 }
