@@ -19,7 +19,9 @@ command -v go >/dev/null 2>&1 || fail "go is not installed (needed to build prom
 mkdir -p "$bin" "$cache/go/mod" "$cache/go/build"
 say "building promtool $PROMETHEUS_MODULE_VERSION (Go module proxy) into $bin"
 export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build" GOBIN="$bin" GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-modcacherw
-nice -n 10 go install -trimpath -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
+# remove_all_sd: no service discovery plugins (cloud SDKs, client-go), which `check rules`, `test
+# rules` and `check metrics` never use: a sixth fewer packages, a third smaller binary.
+nice -n 10 go install -tags remove_all_sd -trimpath -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION" \
   || fail "go install github.com/prometheus/prometheus/cmd/promtool@$PROMETHEUS_MODULE_VERSION failed"
 "$bin/promtool" --version >/dev/null 2>&1 || fail "$bin/promtool does not run"
 printf '%s' "$PROMETHEUS_MODULE_VERSION" > "$stamp"
