@@ -8,11 +8,12 @@
 use std::time::Duration;
 
 use http::StatusCode;
+use testbed::cni_socket;
 use testbed::fake_imds::FakeImds;
 use testbed::harness::{Agent, NODE};
 use testbed::kube_api::{KubeApi, pod};
 use testbed::sts::StsEmulator;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const ANN: &str = "eks.amazonaws.com/role-arn";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
@@ -20,30 +21,6 @@ const ROLES: [(&str, &str); 2] = [
     ("alpha", "arn:aws:iam::123456789012:role/alpha-role"),
     ("beta", "arn:aws:iam::123456789012:role/beta-role"),
 ];
-
-async fn cni(sock: &std::path::Path, msg: serde_json::Value) -> serde_json::Value {
-    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
-    let mut line = serde_json::to_vec(&msg).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    serde_json::from_slice(&out).unwrap()
-}
-
-async fn add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
-    let r = cni(sock, serde_json::json!({"v":1,"op":"add","containerId":cid,"namespace":"apps","name":name,"ips":[ip]})).await;
-    assert_eq!(r["ok"], true, "{r}");
-}
-
-async fn del(sock: &std::path::Path, cid: &str) {
-    let r = cni(
-        sock,
-        serde_json::json!({"v":1,"op":"del","containerId":cid}),
-    )
-    .await;
-    assert_eq!(r["ok"], true, "{r}");
-}
 
 struct Bed {
     kube: KubeApi,
@@ -211,12 +188,16 @@ async fn plugin_and_agent_agree_on_every_validator_edge_case() {
             ips: vec![ip.clone()],
         });
         let msg: serde_json::Value = serde_json::from_slice(&direct.encode()).unwrap();
-        let reply = cni(&b.sock, msg).await;
+        let reply = cni_socket::request(&b.sock, msg).await.unwrap();
         assert_eq!(reply["ok"], *ok, "agent: {what}: {reply}");
         if *ok {
             let check = serde_json::json!({"v":1,"op":"check","containerId":cid,"ips":[ip]});
-            assert_eq!(cni(&b.sock, check).await["ok"], true, "registered: {what}");
-            del(&b.sock, cid).await;
+            assert_eq!(
+                cni_socket::request(&b.sock, check).await.unwrap()["ok"],
+                true,
+                "registered: {what}"
+            );
+            cni_socket::del(&b.sock, cid).await;
         } else {
             // The runtime's bad input (4: CNI_ARGS/env, 7: prevResult), never 11 "try again".
             let code = run.out["code"].as_u64();
@@ -278,7 +259,7 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
         let (sa, _) = ROLES[i % 2];
         let name = format!("r{i}");
         b.kube.create_pod(pod("apps", &name, NODE, sa, &[]));
-        add(&b.sock, &format!("sb{i}"), &name, ip).await;
+        cni_socket::add(&b.sock, &format!("sb{i}"), "apps", &name, ip).await;
         let r = b.agent.get(ip, CREDS).await.unwrap();
         if r.status == StatusCode::OK {
             served += 1;
@@ -286,7 +267,7 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
                 wrong += 1;
             }
         }
-        del(&b.sock, &format!("sb{i}")).await;
+        cni_socket::del(&b.sock, &format!("sb{i}")).await;
         // Between DEL and the next ADD the address belongs to nobody.
         if i % 100 == 0 {
             let gap = b.agent.get(ip, CREDS).await.unwrap();
@@ -310,7 +291,7 @@ async fn gc_through_the_plugin_drops_stale_sandboxes() {
         ("stale", "127.4.0.2", "sb-stale"),
     ] {
         b.kube.create_pod(pod("apps", name, NODE, "alpha", &[]));
-        add(&b.sock, cid, name, ip).await;
+        cni_socket::add(&b.sock, cid, "apps", name, ip).await;
         assert_eq!(
             b.agent.get(ip, CREDS).await.unwrap().status,
             StatusCode::OK,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
+use testbed::cni_socket;
 use testbed::fake_imds::FakeImds;
 use testbed::harness::{Agent, NODE, request, wait_for};
 use testbed::kube_api::{KubeApi, pod};
@@ -266,30 +267,6 @@ async fn callers_that_are_not_pods_of_this_node_get_nothing() {
     assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "us-east-1"));
 }
 
-async fn cni(sock: &std::path::Path, msg: serde_json::Value) -> serde_json::Value {
-    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
-    let mut line = serde_json::to_vec(&msg).unwrap();
-    line.push(b'\n');
-    s.write_all(&line).await.unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await.unwrap();
-    serde_json::from_slice(&out).unwrap()
-}
-
-async fn cni_add(sock: &std::path::Path, cid: &str, name: &str, ip: &str) {
-    let r = cni(sock, serde_json::json!({"v":1,"op":"add","containerId":cid,"namespace":"apps","name":name,"ips":[ip]})).await;
-    assert_eq!(r["ok"], true, "{r}");
-}
-
-async fn cni_del(sock: &std::path::Path, cid: &str) {
-    let r = cni(
-        sock,
-        serde_json::json!({"v":1,"op":"del","containerId":cid}),
-    )
-    .await;
-    assert_eq!(r["ok"], true, "{r}");
-}
-
 async fn agent_with_state(
     kube: &KubeApi,
     sts: &StsEmulator,
@@ -332,13 +309,13 @@ async fn a_revoked_ip_stays_revoked_across_an_agent_restart() {
 
     let first = agent_with_state(&kube, &sts, &upstream, dir.path(), "state.json").await;
     kube.create_pod(pod("apps", "web-0", NODE, "reader", &[old_ip]));
-    cni_add(&sock, "sandbox-1", "web-0", old_ip).await;
+    cni_socket::add(&sock, "sandbox-1", "apps", "web-0", old_ip).await;
     wait_for(Duration::from_secs(10), || async {
         matches!(first.get(old_ip, CREDS).await, Ok(r) if r.status == StatusCode::OK)
     })
     .await
     .unwrap();
-    cni_del(&sock, "sandbox-1").await;
+    cni_socket::del(&sock, "sandbox-1").await;
     assert_eq!(
         first.get(old_ip, CREDS).await.unwrap().status,
         StatusCode::NOT_FOUND
@@ -355,7 +332,7 @@ async fn a_revoked_ip_stays_revoked_across_an_agent_restart() {
         "revocation restored before ready"
     );
     // The StatefulSet's replacement (same name) starts on another IP: the old IP stays revoked.
-    cni_add(&sock, "sandbox-2", "web-0", new_ip).await;
+    cni_socket::add(&sock, "sandbox-2", "apps", "web-0", new_ip).await;
     assert_eq!(
         second.get(old_ip, CREDS).await.unwrap().status,
         StatusCode::NOT_FOUND
@@ -395,7 +372,7 @@ async fn an_unreadable_state_file_is_set_aside_and_the_agent_starts_empty() {
     // New registrations are saved to a fresh file.
     let sock = dir.path().join("state.json.sock");
     kube.create_pod(pod("apps", "a", NODE, "reader", &["127.0.0.231"]));
-    cni_add(&sock, "sandbox-a", "a", "127.0.0.231").await;
+    cni_socket::add(&sock, "sandbox-a", "apps", "a", "127.0.0.231").await;
     let saved = std::fs::read_to_string(&file).unwrap();
     assert!(saved.contains("sandbox-a"), "{saved}");
     wait_for(Duration::from_secs(10), || async {
