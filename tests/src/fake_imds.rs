@@ -32,6 +32,11 @@ impl FakeImds {
         Self::start_with(std::net::TcpListener::bind("127.0.0.1:0")?, true).await
     }
 
+    /// The upstream on the loopback of `topo`'s node namespace, where the agent runs.
+    pub async fn start_in_node(topo: &crate::netns::Topology) -> anyhow::Result<FakeImds> {
+        Self::start_on(topo.bind_in_node("127.0.0.1:0".parse()?)?).await
+    }
+
     pub async fn start_on(listener: std::net::TcpListener) -> anyhow::Result<FakeImds> {
         Self::start_with(listener, false).await
     }

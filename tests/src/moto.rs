@@ -17,6 +17,11 @@ impl Moto {
         Self::start_with(&[], "127.0.0.1").await
     }
 
+    /// Starts moto inside network namespace `ns` (the test's node), on all its addresses.
+    pub async fn start_in_netns(ns: &str) -> anyhow::Result<Moto> {
+        Self::start_with(&["ip", "netns", "exec", ns], "0.0.0.0").await
+    }
+
     /// Starts moto behind `prefix` (e.g. `["ip", "netns", "exec", "node"]`), listening on `host`.
     pub async fn start_with(prefix: &[&str], host: &str) -> anyhow::Result<Moto> {
         let python = crate::deps::require(&crate::deps::moto_python())?;

@@ -55,12 +55,8 @@ async fn bed(pods: usize, tag: &str) -> Bed {
     let kube = KubeApi::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
         .await
         .unwrap();
-    let upstream = FakeImds::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
-        .await
-        .unwrap();
-    let moto = Moto::start_with(&["ip", "netns", "exec", topo.node_ns()], "0.0.0.0")
-        .await
-        .unwrap();
+    let upstream = FakeImds::start_in_node(&topo).await.unwrap();
+    let moto = Moto::start_in_netns(topo.node_ns()).await.unwrap();
     kube.apply_service_account("legacy", "reader", &[(ANN, READER)]);
     kube.apply_service_account("legacy", "writer", &[(ANN, WRITER)]);
     kube.apply_service_account("legacy", "plain", &[]);

@@ -240,12 +240,8 @@ async fn bed() -> Option<Bed> {
             .await
             .unwrap();
     }
-    let upstream = FakeImds::start_on(topo.bind_in_node("127.0.0.1:0".parse().unwrap()).unwrap())
-        .await
-        .unwrap();
-    let moto = Moto::start_with(&["ip", "netns", "exec", topo.node_ns()], "0.0.0.0")
-        .await
-        .unwrap();
+    let upstream = FakeImds::start_in_node(&topo).await.unwrap();
+    let moto = Moto::start_in_netns(topo.node_ns()).await.unwrap();
     // STS as AWS runs it for IRSA: the cluster's OIDC provider (the apiserver's own discovery
     // and JWKS) and one trust policy per role naming its ServiceAccount; moto then issues.
     let keys = KeySource::Oidc {
