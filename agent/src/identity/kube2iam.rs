@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use super::IdentityError;
-use super::roles::validate_role_arn;
+use super::{IdentityError, validate_role_arn};
 
 /// kube2iam's namespace annotation listing the roles its pods may name.
 pub(crate) const ALLOWED_ROLES_ANNOTATION: &str = "iam.amazonaws.com/allowed-roles";

@@ -216,6 +216,35 @@ pub(crate) fn session_name(namespace: &str, pod: &str) -> String {
     format!("{}-{hash}", &raw[..55])
 }
 
+/// Checks `arn:<partition>:iam::<12 digits>:role/<path/>name`.
+pub(crate) fn validate_role_arn(arn: &str) -> Result<(), String> {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [scheme, partition, service, region, account, resource] = parts.as_slice() else {
+        return Err("not an ARN".into());
+    };
+    if *scheme != "arn" || !partition.starts_with("aws") || *service != "iam" || !region.is_empty()
+    {
+        return Err("not an IAM ARN".into());
+    }
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("account must be 12 digits".into());
+    }
+    let Some(path) = resource.strip_prefix("role/") else {
+        return Err("not a role ARN".into());
+    };
+    let name = path.rsplit('/').next().unwrap_or("");
+    if name.is_empty()
+        || name.len() > 64
+        || arn.len() > 2048
+        || !path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
+    {
+        return Err("invalid role name".into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

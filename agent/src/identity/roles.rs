@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 
 use super::kube2iam::{self, BaseArn, NamespaceRestriction};
-use super::{IdentityError, ServiceAccounts};
+use super::{IdentityError, ServiceAccounts, validate_role_arn};
 use crate::pods::PodInfo;
 
 pub(crate) const AUDIENCE_ANNOTATION: &str = "eks.amazonaws.com/audience";
@@ -74,35 +74,6 @@ impl RoleSpec {
     pub(crate) fn role_name(&self) -> &str {
         self.role_arn.rsplit('/').next().unwrap_or(&self.role_arn)
     }
-}
-
-/// Checks `arn:<partition>:iam::<12 digits>:role/<path/>name`.
-pub(crate) fn validate_role_arn(arn: &str) -> Result<(), String> {
-    let parts: Vec<&str> = arn.splitn(6, ':').collect();
-    let [scheme, partition, service, region, account, resource] = parts.as_slice() else {
-        return Err("not an ARN".into());
-    };
-    if *scheme != "arn" || !partition.starts_with("aws") || *service != "iam" || !region.is_empty()
-    {
-        return Err("not an IAM ARN".into());
-    }
-    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
-        return Err("account must be 12 digits".into());
-    }
-    let Some(path) = resource.strip_prefix("role/") else {
-        return Err("not a role ARN".into());
-    };
-    let name = path.rsplit('/').next().unwrap_or("");
-    if name.is_empty()
-        || name.len() > 64
-        || arn.len() > 2048
-        || !path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b))
-    {
-        return Err("invalid role name".into());
-    }
-    Ok(())
 }
 
 /// Roles read from the API, by namespace then ServiceAccount, with when they were read.
