@@ -287,6 +287,8 @@ fn chart_values_reach_the_daemonset() {
     ] {
         assert!(args.contains(&want), "{want}: {args:?}");
     }
+    // The per-pod redirect cannot be checked by original destination.
+    assert!(!args.contains(&"--require-redirect"), "{args:?}");
     // Namespace restrictions read Namespaces: only then does the ClusterRole grant it.
     let everything = render(Some("ci/everything-values.yaml"));
     assert!(
@@ -306,10 +308,13 @@ fn chart_values_reach_the_daemonset() {
     ] {
         assert!(!args.contains(never), "{never}: {args}");
     }
-    // Defaults: the image tag is the chart's appVersion; affinity keeps Fargate/hybrid out.
+    // Defaults: the image tag is the chart's appVersion; affinity keeps Fargate/hybrid out; host
+    // mode serves only what came through its redirect.
     let ds = daemonset(&yaml_docs(&render(None)));
     let spec = &ds["spec"]["template"]["spec"];
     assert_eq!(spec["containers"][0]["image"], "irsa-imds:0.1.0");
+    let args = spec["containers"][0]["args"].to_string();
+    assert!(args.contains("\"--require-redirect\""), "{args}");
     let terms = spec["affinity"]["nodeAffinity"].to_string();
     for want in [
         "kubernetes.io/os",

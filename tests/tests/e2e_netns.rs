@@ -1264,3 +1264,56 @@ async fn cni_chain_is_kept_then_uninstalled_cleanly() {
         .expect("a new pod's ADD after uninstall");
     assert_eq!(r["ips"][0]["address"], format!("{}/32", b.topo.pod_ip(1)));
 }
+
+/// `--require-redirect`: through the DNAT of 169.254.169.254:80 the pod is served; the same pod
+/// connecting straight to the agent's address and port (its original destination is the agent
+/// itself, not the metadata address) is refused at accept and counted.
+#[tokio::test]
+async fn only_connections_through_the_redirect_are_served() {
+    let b = bed(1, "origdst").await;
+    let mut agent = b.start_agent_with(&[
+        "--iptables",
+        "--host-interface",
+        "vethirsa+",
+        "--host-ip",
+        "10.77.255.1",
+        "--require-redirect",
+    ]);
+    b.wait_ready().await;
+    let imds: SocketAddr = IMDS4.parse().unwrap();
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), imds).await,
+        Answer::Role("legacy-reader".into()),
+        "{}",
+        b.agent_log()
+    );
+    let direct = SocketAddr::new(b.topo.node_ip().into(), AGENT_PORT);
+    for _ in 0..3 {
+        let a = pod_listing(b.topo.pod_ns(0), direct).await;
+        assert_eq!(a, Answer::Closed, "{direct}: {a:?}");
+    }
+    let metrics = b.ops_body("/metrics").unwrap_or_default();
+    let refused = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("irsa_imds_connections_refused_total{")
+                && l.contains("listener=\"imds\"")
+                && l.contains("reason=\"not_redirected\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert_eq!(refused, Some(3), "{metrics}");
+    assert!(
+        b.agent_log().contains("not_redirected"),
+        "the refusal is logged: {}",
+        b.agent_log()
+    );
+    // Through the redirect it still serves, after the refusals.
+    assert_eq!(
+        pod_listing(b.topo.pod_ns(0), imds).await,
+        Answer::Role("legacy-reader".into())
+    );
+    let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert!(status.success());
+}

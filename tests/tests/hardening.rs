@@ -267,6 +267,64 @@ async fn callers_that_are_not_pods_of_this_node_get_nothing() {
     assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "us-east-1"));
 }
 
+/// The one exception to `[A-Za-z0-9._/-]`: a role name in a credentials path may carry IAM's
+/// `+=,@` (docs/design.md, section 3). That route is answered here, the pod's own role or 404,
+/// and never reaches the upstream, even with an allow-list that would match it.
+#[tokio::test]
+async fn role_names_with_iam_characters_are_answered_here_and_never_proxied() {
+    let upstream = FakeImds::start_normalising().await.unwrap();
+    let b = bed(
+        upstream,
+        &["--upstream-allow", "meta-data/*", "--pod-wait", "100ms"],
+    )
+    .await;
+    b.kube.apply_service_account(
+        "apps",
+        "plus",
+        &[(ANN, "arn:aws:iam::123456789012:role/svc+a=b,c@d")],
+    );
+    b.kube
+        .create_pod(pod("apps", "plus", NODE, "plus", &["127.0.0.231"]));
+    add_pod(&b, "a", "127.0.0.232").await;
+    let before = upstream_gets(&b.upstream).len();
+
+    // Its own name, with every one of those characters: served by the agent.
+    b.agent
+        .wait_served("127.0.0.231", CREDS, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let list = b.agent.get("127.0.0.231", CREDS).await.unwrap();
+    assert_eq!(list.text(), "svc+a=b,c@d");
+    let own = b
+        .agent
+        .get("127.0.0.231", &format!("{CREDS}svc+a=b,c@d"))
+        .await
+        .unwrap();
+    assert_eq!(own.status, StatusCode::OK, "{}", own.text());
+    assert!(own.text().contains("AccessKeyId"));
+    // Another pod, an unknown caller, a name that is not theirs: 404 from the agent.
+    for (src, name) in [
+        ("127.0.0.232", "svc+a=b,c@d"),
+        ("127.0.0.233", "svc+a=b,c@d"),
+        ("127.0.0.231", "reader+x"),
+        ("127.0.0.231", "a@b,c=d+e"),
+    ] {
+        let r = b.agent.get(src, &format!("{CREDS}{name}")).await.unwrap();
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{src} {name}");
+    }
+    // Still refused in any other segment, allow-list or not.
+    for p in [
+        "/latest/meta-data/placement/a+b",
+        "/latest/meta-data/iam/security-credentials/a@b/c",
+        "/latest/meta-data/user@data",
+    ] {
+        let r = b.agent.get("127.0.0.232", p).await.unwrap();
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{p}");
+    }
+    let after = upstream_gets(&b.upstream);
+    assert_eq!(after.len(), before, "nothing went upstream: {after:?}");
+}
+
 async fn agent_with_state(
     kube: &KubeApi,
     sts: &StsEmulator,
