@@ -1,4 +1,8 @@
 //! The CNI plugin protocol (spec 0.3.x–1.1.0) for a chained plugin that only observes.
+//!
+//! [`parse`] turns the runtime's input (stdin and the `CNI_*` environment) into an
+//! [`Invocation`] or the CNI error to print, touching nothing (it is what the fuzz target
+//! drives); [`run`] then carries it out: the agent's socket, the per-pod redirect, the log.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -12,7 +16,7 @@ use crate::agent;
 /// A runtime's network config is a few KiB; anything past this is refused.
 pub const MAX_CONFIG: u64 = 1 << 20;
 pub const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
-pub const DEFAULT_SOCKET: &str = irsa_imds_cni::DEFAULT_SOCKET;
+pub const DEFAULT_SOCKET: &str = crate::DEFAULT_SOCKET;
 const DEFAULT_TIMEOUT_MS: u64 = 250;
 
 /// Error codes from the CNI spec.
@@ -90,7 +94,8 @@ impl Env {
 }
 
 /// This plugin's keys in its conflist entry.
-struct PluginConf {
+#[derive(Debug)]
+pub struct PluginConf {
     socket: PathBuf,
     timeout: Duration,
     fail_closed: bool,
@@ -198,8 +203,52 @@ fn result_ips(prev: &Value) -> Result<Vec<String>, CniError> {
     Ok(out)
 }
 
-/// Runs one CNI command; `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
-pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
+/// A pod to register: `CNI_ARGS` named it, `prevResult` gave it addresses, and the agent's own
+/// validators accept it.
+#[derive(Debug)]
+pub struct PodAdd {
+    pub namespace: String,
+    pub name: String,
+    pub ips: Vec<String>,
+}
+
+/// One validated CNI command, ready to carry out.
+#[derive(Debug)]
+pub enum Invocation {
+    Version {
+        version: String,
+    },
+    Add {
+        conf: PluginConf,
+        container_id: String,
+        /// Passed on unchanged.
+        prev: Value,
+        /// `None`: not a Kubernetes pod, or no addresses: nothing to register.
+        pod: Option<PodAdd>,
+        netns: Option<String>,
+    },
+    Del {
+        conf: PluginConf,
+        container_id: String,
+    },
+    Check {
+        conf: PluginConf,
+        container_id: String,
+        /// `None`: not a Kubernetes pod, or no addresses: nothing to check.
+        ips: Option<Vec<String>>,
+    },
+    Status {
+        conf: PluginConf,
+    },
+    Gc {
+        conf: PluginConf,
+        /// The runtime's `cni.dev/valid-attachments`, if it sent them.
+        valid: Option<Vec<String>>,
+    },
+}
+
+/// Decodes and validates one invocation; no side effect, whatever the input.
+pub fn parse(env: &Env, stdin: &[u8]) -> Result<Invocation, CniError> {
     let command = env.command.as_deref().unwrap_or("");
     let conf: Value = if stdin.iter().all(u8::is_ascii_whitespace) && command == "VERSION" {
         json!({})
@@ -234,9 +283,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
         ));
     }
     if command == "VERSION" {
-        return Ok(Some(
-            json!({"cniVersion": version, "supportedVersions": SUPPORTED}).to_string(),
-        ));
+        return Ok(Invocation::Version { version });
     }
     let pc = PluginConf::from(&conf)?;
     // Runtimes use hex ids; the agent accepts [A-Za-z0-9._-]{1,128}. Refused before anything is
@@ -281,7 +328,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             })?;
             let ips = result_ips(&prev)?;
             let args = cni_args(env.args.as_deref());
-            match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
+            let pod = match (args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")) {
                 (Some(ns), Some(name)) if !ips.is_empty() => {
                     // The agent's own rules (one crate for both): what it would refuse is the
                     // runtime's error here, never an "agent unavailable".
@@ -292,43 +339,26 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                             e.to_string(),
                         ));
                     }
-                    if let Err(e) =
-                        agent::add(&pc.socket, pc.timeout, &container_id, ns, name, &ips)
-                    {
-                        if pc.fail_closed {
-                            return Err(CniError::new(
-                                code::TRY_AGAIN_LATER,
-                                "irsa-imds agent unavailable",
-                                e.to_string(),
-                            ));
-                        }
-                        pc.log(&format!("ADD {ns}/{name} ({container_id}): not registered, continuing (fail-open): {e}"));
-                    }
-                    // The redirect is the security control, so it fails the ADD whatever
-                    // failClosed says: a pod without it would reach the real IMDS.
-                    if pc.pod_redirect {
-                        let netns = need(&env.netns, "CNI_NETNS")?;
-                        let addr = pc.agent_address.as_deref().unwrap_or_default();
-                        crate::redirect::install(&netns, addr).map_err(|e| {
-                            CniError::new(code::POD_REDIRECT, "cannot install pod redirect", e)
-                        })?;
-                    }
+                    Some(PodAdd {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        ips,
+                    })
                 }
-                _ => pc.log(&format!(
-                    "ADD {container_id}: not a Kubernetes pod or no IPs; nothing to register"
-                )),
-            }
-            // The chain's result goes on exactly as it came, in its own version.
-            Ok(Some(prev.to_string()))
+                _ => None,
+            };
+            Ok(Invocation::Add {
+                conf: pc,
+                container_id,
+                prev,
+                pod,
+                netns: env.netns.clone(),
+            })
         }
-        "DEL" => {
-            let container_id = container_id()?;
-            // Idempotent, and a missing agent is not an error: the sandbox is going away anyway.
-            if let Err(e) = agent::del(&pc.socket, pc.timeout, &container_id) {
-                pc.log(&format!("DEL {container_id}: {e} (ignored)"));
-            }
-            Ok(None)
-        }
+        "DEL" => Ok(Invocation::Del {
+            conf: pc,
+            container_id: container_id()?,
+        }),
         "CHECK" => {
             if version.starts_with("0.3") {
                 return Err(CniError::new(
@@ -347,9 +377,126 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
             })?;
             let ips = result_ips(&prev)?;
             let args = cni_args(env.args.as_deref());
-            if !args.contains_key("K8S_POD_NAME") || ips.is_empty() {
-                return Ok(None);
+            let ips = (args.contains_key("K8S_POD_NAME") && !ips.is_empty()).then_some(ips);
+            Ok(Invocation::Check {
+                conf: pc,
+                container_id,
+                ips,
+            })
+        }
+        "STATUS" => Ok(Invocation::Status { conf: pc }),
+        "GC" => {
+            // Without the runtime's list there is nothing safe to collect.
+            let valid = match conf
+                .get("cni.dev/valid-attachments")
+                .and_then(Value::as_array)
+            {
+                None => None,
+                Some(list) => {
+                    let mut valid = Vec::with_capacity(list.len());
+                    for a in list {
+                        let id = a
+                            .get("containerID")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| {
+                                CniError::new(
+                                    code::INVALID_CONFIG,
+                                    "invalid cni.dev/valid-attachments",
+                                    "an entry has no containerID",
+                                )
+                            })?;
+                        valid.push(id.to_string());
+                    }
+                    Some(valid)
+                }
+            };
+            Ok(Invocation::Gc { conf: pc, valid })
+        }
+        "" => Err(CniError::new(
+            code::INVALID_ENV,
+            "missing environment variable",
+            "CNI_COMMAND",
+        )),
+        other => Err(CniError::new(
+            code::INVALID_ENV,
+            "unknown CNI_COMMAND",
+            other.chars().take(32).collect::<String>(),
+        )),
+    }
+}
+
+/// Runs one CNI command; `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
+pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
+    match parse(env, stdin)? {
+        Invocation::Version { version } => Ok(Some(
+            json!({"cniVersion": version, "supportedVersions": SUPPORTED}).to_string(),
+        )),
+        Invocation::Add {
+            conf: pc,
+            container_id,
+            prev,
+            pod,
+            netns,
+        } => {
+            match pod {
+                Some(PodAdd {
+                    namespace: ns,
+                    name,
+                    ips,
+                }) => {
+                    if let Err(e) =
+                        agent::add(&pc.socket, pc.timeout, &container_id, &ns, &name, &ips)
+                    {
+                        if pc.fail_closed {
+                            return Err(CniError::new(
+                                code::TRY_AGAIN_LATER,
+                                "irsa-imds agent unavailable",
+                                e.to_string(),
+                            ));
+                        }
+                        pc.log(&format!("ADD {ns}/{name} ({container_id}): not registered, continuing (fail-open): {e}"));
+                    }
+                    // The redirect is the security control, so it fails the ADD whatever
+                    // failClosed says: a pod without it would reach the real IMDS.
+                    if pc.pod_redirect {
+                        let netns = netns.ok_or_else(|| {
+                            CniError::new(
+                                code::INVALID_ENV,
+                                "missing environment variable",
+                                "CNI_NETNS",
+                            )
+                        })?;
+                        let addr = pc.agent_address.as_deref().unwrap_or_default();
+                        crate::redirect::install(&netns, addr).map_err(|e| {
+                            CniError::new(code::POD_REDIRECT, "cannot install pod redirect", e)
+                        })?;
+                    }
+                }
+                None => pc.log(&format!(
+                    "ADD {container_id}: not a Kubernetes pod or no IPs; nothing to register"
+                )),
             }
+            // The chain's result goes on exactly as it came, in its own version.
+            Ok(Some(prev.to_string()))
+        }
+        Invocation::Del {
+            conf: pc,
+            container_id,
+        } => {
+            // Idempotent, and a missing agent is not an error: the sandbox is going away anyway.
+            if let Err(e) = agent::del(&pc.socket, pc.timeout, &container_id) {
+                pc.log(&format!("DEL {container_id}: {e} (ignored)"));
+            }
+            Ok(None)
+        }
+        Invocation::Check {
+            conf: pc,
+            container_id,
+            ips,
+        } => {
+            let Some(ips) = ips else {
+                return Ok(None);
+            };
             match agent::check(&pc.socket, pc.timeout, &container_id, &ips) {
                 Ok(()) => Ok(None),
                 Err(e) if e.is_unavailable() && !pc.fail_closed => {
@@ -370,7 +517,7 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                 )),
             }
         }
-        "STATUS" => {
+        Invocation::Status { conf: pc } => {
             if !pc.fail_closed {
                 return Ok(None);
             }
@@ -383,45 +530,19 @@ pub fn run(env: &Env, stdin: &[u8]) -> Result<Option<String>, CniError> {
                 )),
             }
         }
-        // Registrations die with their sandboxes' DELs; nothing of ours to collect.
-        "GC" => {
-            // Without the runtime's list there is nothing safe to collect.
-            let Some(list) = conf
-                .get("cni.dev/valid-attachments")
-                .and_then(Value::as_array)
-            else {
-                return Ok(None);
-            };
-            let mut valid = Vec::with_capacity(list.len());
-            for a in list {
-                let id = a
-                    .get("containerID")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        CniError::new(
-                            code::INVALID_CONFIG,
-                            "invalid cni.dev/valid-attachments",
-                            "an entry has no containerID",
-                        )
-                    })?;
-                valid.push(id.to_string());
-            }
+        // Registrations die with their sandboxes' DELs; GC only drops what the runtime no longer
+        // knows, and without its list there is nothing safe to collect.
+        Invocation::Gc { valid: None, .. } => Ok(None),
+        Invocation::Gc {
+            conf: pc,
+            valid: Some(valid),
+        } => {
             // Registrations are the agent's state; with the agent down there is nothing to collect.
             if let Err(e) = agent::gc(&pc.socket, pc.timeout, &valid) {
                 pc.log(&format!("GC: {e} (ignored)"));
             }
             Ok(None)
         }
-        "" => Err(CniError::new(
-            code::INVALID_ENV,
-            "missing environment variable",
-            "CNI_COMMAND",
-        )),
-        other => Err(CniError::new(
-            code::INVALID_ENV,
-            "unknown CNI_COMMAND",
-            other.chars().take(32).collect::<String>(),
-        )),
     }
 }
 

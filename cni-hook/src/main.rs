@@ -7,14 +7,12 @@
 //! stdout, logs on stderr or `logFile`); `irsa-imds-cni install|uninstall [flags]` chains it into
 //! the node's conflist.
 
-mod agent;
-mod cni;
 mod install;
-mod redirect;
 
 use std::io::Read;
 
 use clap::{CommandFactory, Parser};
+use irsa_imds_cni::cni;
 
 fn main() {
     let cli = match install::Cli::try_parse() {
