@@ -78,6 +78,29 @@ impl Moto {
         self.endpoint.clone()
     }
 
+    /// Turns moto's IAM authentication on (`INITIAL_NO_AUTH_ACTION_COUNT` = 0 through its
+    /// `/moto-api/reset-auth` endpoint): from now on every request must be SigV4-signed with a key
+    /// moto knows, the secret that goes with it and, for STS session keys, the session token that
+    /// goes with them (`InvalidClientTokenId` / `SignatureDoesNotMatch` otherwise). Every action is
+    /// checked, unsigned `AssumeRoleWithWebIdentity` included, so call this after the credentials
+    /// under test were issued. Only for a moto reachable from this network namespace.
+    pub async fn require_auth(&self) -> anyhow::Result<()> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::post("/moto-api/reset-auth")
+            .header("host", format!("127.0.0.1:{}", self.port))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"0")))?;
+        let resp = tx.send_request(req).await?;
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "moto reset-auth: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

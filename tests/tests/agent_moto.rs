@@ -1,5 +1,6 @@
 //! The agent against the real third-party STS emulator (moto): what a pod is served is exactly
-//! what STS issued for that pod's role, and the session names the pod.
+//! what STS issued for that pod's role, and the session names the pod. Moto's IAM authentication is
+//! on when the served credentials are used, so a wrong secret or session token fails.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -14,7 +15,8 @@ use testbed::moto::Moto;
 const ANN: &str = "eks.amazonaws.com/role-arn";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
-async fn caller_arn(moto: &Moto, v: &serde_json::Value) -> String {
+/// GetCallerIdentity signed with the served credentials: the caller's ARN, or the error code.
+async fn caller_arn(moto: &Moto, v: &serde_json::Value) -> Result<String, String> {
     let creds = aws_credential_types::Credentials::new(
         v["AccessKeyId"].as_str().unwrap(),
         v["SecretAccessKey"].as_str().unwrap(),
@@ -27,13 +29,18 @@ async fn caller_arn(moto: &Moto, v: &serde_json::Value) -> String {
         .region(aws_sdk_sts::config::Region::new("us-east-1"))
         .endpoint_url(moto.endpoint())
         .credentials_provider(creds)
+        .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
         .build();
-    let out = aws_sdk_sts::Client::from_conf(conf)
+    aws_sdk_sts::Client::from_conf(conf)
         .get_caller_identity()
         .send()
         .await
-        .unwrap();
-    out.arn.unwrap()
+        .map(|out| out.arn.unwrap())
+        .map_err(|e| {
+            aws_sdk_sts::error::ProvideErrorMetadata::code(&e)
+                .unwrap_or("no error code")
+                .to_string()
+        })
 }
 
 #[tokio::test]
@@ -80,12 +87,25 @@ async fn served_credentials_are_the_ones_sts_issued_for_each_pods_role() {
         .unwrap()
         .json()
         .unwrap();
+    moto.require_auth().await.unwrap();
+    // Control: with authentication on, the key id alone is not enough.
+    for (what, field, garbage) in [
+        ("wrong secret", "SecretAccessKey", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        ("wrong session token", "Token", "IQoJb3JpZ2luX2VjEXAMPLE"),
+    ] {
+        let mut forged = cart.clone();
+        forged[field] = garbage.into();
+        assert!(
+            caller_arn(&moto, &forged).await.is_err(),
+            "{what} must be refused"
+        );
+    }
     assert_eq!(
-        caller_arn(&moto, &cart).await,
+        caller_arn(&moto, &cart).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/cart-role/shop.cart-5d8f"
     );
     assert_eq!(
-        caller_arn(&moto, &pay).await,
+        caller_arn(&moto, &pay).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/pay-role/shop.pay-0"
     );
     assert_eq!(
@@ -223,7 +243,7 @@ async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namesp
         .json()
         .unwrap();
     assert_eq!(
-        caller_arn(&moto, &creds).await,
+        caller_arn(&moto, &creds).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/reader/legacy.app-0"
     );
     assert!(
@@ -250,7 +270,7 @@ async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namesp
         .json()
         .unwrap();
     assert_eq!(
-        caller_arn(&moto, &creds).await,
+        caller_arn(&moto, &creds).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/irsa-role/legacy.both-2"
     );
     let r = agent
@@ -335,7 +355,7 @@ async fn a_roleless_pod_gets_the_default_role_only_when_one_is_set() {
         .json()
         .unwrap();
     assert_eq!(
-        caller_arn(&moto, &creds).await,
+        caller_arn(&moto, &creds).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/node-addons/addons.dns-0"
     );
     assert!(
