@@ -113,6 +113,8 @@ struct Inner {
     expiry: tokio::sync::watch::Sender<u64>,
     issuer: Arc<Issuer>,
     counters: [AtomicU64; 8],
+    /// The highest resourceVersion any watch stream has sent.
+    delivered: AtomicU64,
     addr: SocketAddr,
     stop: CancellationToken,
 }
@@ -167,6 +169,7 @@ impl KubeApi {
             expiry: tokio::sync::watch::channel(0).0,
             issuer,
             counters: Default::default(),
+            delivered: AtomicU64::new(0),
             addr,
             stop: stop.clone(),
         });
@@ -382,6 +385,17 @@ impl KubeApi {
 
     pub fn set_list_fault(&self, f: Option<Fault>) {
         lock(&self.inner.world).list_fault = f;
+    }
+
+    /// The current resourceVersion (that of the last change).
+    pub fn resource_version(&self) -> u64 {
+        lock(&self.inner.world).rv
+    }
+
+    /// The highest resourceVersion a watch stream has written to a client (events of every
+    /// watch, after the injected watch delay): tells a test that the watcher has been sent a change.
+    pub fn watch_delivered(&self) -> u64 {
+        self.inner.delivered.load(Ordering::SeqCst)
     }
 
     pub fn counters(&self) -> Counters {
@@ -763,6 +777,7 @@ impl Inner {
         let mut expiry = self.expiry.subscribe();
         expiry.borrow_and_update();
         let stop = self.stop.clone();
+        let inner = self.clone();
         tokio::spawn(async move {
             let line = |v: Value| {
                 let mut b = v.to_string().into_bytes();
@@ -806,6 +821,7 @@ impl Inner {
                             // Injected lag: each event reaches watchers the watch delay after it happened.
                             tokio::time::sleep_until(ev.deliver_at).await;
                             if let Some(b) = send(&ev, &mut last) && tx.send(b).await.is_err() { return; }
+                            inner.delivered.fetch_max(ev.rv, Ordering::SeqCst);
                         }
                         // Fell behind the broadcast: end the stream so the client resumes or relists.
                         Err(_) => return,

@@ -143,3 +143,55 @@ impl TcpProxy {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// A binary of this workspace (`irsa-imds-agent`, `irsa-imds-cni`), built now: the first call in
+/// a test process runs `cargo build --workspace --all-targets --locked`, the build tests/run.sh
+/// makes (a no-op when everything is fresh; the same selection, so no second feature set)
+/// so an end-to-end suite never runs a stale binary, whoever started it. Honours
+/// `CARGO_TARGET_DIR`; `cargo` is the one running the tests (`$CARGO`). The child build gets the
+/// environment without the `CARGO_*` variables cargo set for this test process (package name,
+/// manifest dir, ...): build scripts that watch them (ring's) would otherwise rerun and rebuild
+/// everything; `CARGO_TARGET_DIR` and `CARGO_HOME` (the caller's own settings) are kept.
+pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = std::process::Command::new(cargo);
+            for (key, _) in std::env::vars_os() {
+                let k = key.to_string_lossy();
+                if k.starts_with("CARGO") && k != "CARGO_TARGET_DIR" && k != "CARGO_HOME" {
+                    cmd.env_remove(&key);
+                }
+            }
+            let out = cmd
+                .args([
+                    "build",
+                    "--workspace",
+                    "--all-targets",
+                    "--locked",
+                    "--quiet",
+                ])
+                .current_dir(&root)
+                .output()
+                .map_err(|e| format!("running cargo: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cargo build --workspace --all-targets failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join("debug").join(name);
+    anyhow::ensure!(bin.exists(), "{} missing after the build", bin.display());
+    bin.canonicalize().context("binary path")
+}

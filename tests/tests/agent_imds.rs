@@ -12,7 +12,7 @@ use http::{Method, StatusCode};
 use testbed::fake_imds::FakeImds;
 use testbed::harness::{Agent, NODE, request, sdk_sts, wait_for};
 use testbed::kube_api::{KubeApi, pod};
-use testbed::sts::StsEmulator;
+use testbed::sts::{RoleTrust, StsEmulator};
 
 const ROLE_A: &str = "arn:aws:iam::123456789012:role/team-a/reader";
 const ROLE_B: &str = "arn:aws:iam::123456789012:role/writer";
@@ -29,6 +29,9 @@ struct Bed {
 async fn bed(args: &[&str]) -> Bed {
     let kube = KubeApi::start().await.unwrap();
     let sts = StsEmulator::start().await.unwrap();
+    // Each role trusts only its own ServiceAccount (IRSA trust policy on <issuer>:sub and :aud).
+    sts.trust_role(ROLE_A, RoleTrust::service_accounts(&[("apps", "reader")]));
+    sts.trust_role(ROLE_B, RoleTrust::service_accounts(&[("apps", "writer")]));
     let upstream = FakeImds::start().await.unwrap();
     kube.apply_service_account("apps", "reader", &[(ANN, ROLE_A)]);
     kube.apply_service_account("apps", "writer", &[(ANN, ROLE_B)]);
@@ -106,11 +109,34 @@ async fn credentials_have_exactly_the_ec2_fields_and_formats() {
             "{f}={s}"
         );
     }
-    // What STS issued for this pod's role, nothing else.
+    // What STS issued for this pod's role, nothing else: the served key, secret and session token
+    // are the ones STS issued to the pod's session, for the pod's ServiceAccount token.
     let calls = b.sts.calls();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].role_arn, ROLE_A);
     assert_eq!(calls[0].role_session_name, "apps.a");
+    let issued = b.sts.issued();
+    assert_eq!(issued.len(), 1);
+    assert_eq!(v["AccessKeyId"], issued[0].access_key_id.as_str());
+    assert!(
+        v["SecretAccessKey"] == issued[0].secret_access_key.as_str(),
+        "served secret is not the issued one"
+    );
+    assert!(
+        v["Token"] == issued[0].session_token.as_str(),
+        "served token is not the issued one"
+    );
+    assert_eq!(
+        (
+            issued[0].role_arn.as_str(),
+            issued[0].role_session_name.as_str(),
+            issued[0].subject.as_str()
+        ),
+        (ROLE_A, "apps.a", "system:serviceaccount:apps:reader")
+    );
+    // The token STS was given is the one the API server issued for this pod (bound to it).
+    let (_, claims) = testbed::jwt::decode_unverified(&calls[0].web_identity_token).unwrap();
+    assert_eq!(claims["kubernetes.io"]["pod"]["name"], "a");
     // Another name under the listing: 404.
     let r = b
         .agent
@@ -170,6 +196,13 @@ async fn unknown_caller_gets_404_after_a_bounded_wait() {
     assert!(
         t0.elapsed() >= Duration::from_millis(200),
         "waited for a registration first"
+    );
+    // Bounded: the wait ends at --pod-wait (generous margin for a loaded machine; an unbounded
+    // wait would hang until the client gives up).
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "bounded by --pod-wait: {:?}",
+        t0.elapsed()
     );
 }
 
@@ -429,6 +462,12 @@ async fn rust_sdk_imds_provider_gets_the_pods_credentials() {
 async fn role_annotation_change_is_seen_within_the_cache_ttl() {
     let b = bed(&["--sa-cache-ttl", "1s"]).await;
     add_pod(&b, "a", "reader", "127.0.0.141").await;
+    // The writer role is made to trust the reader ServiceAccount too, as the annotation's owner
+    // would do in IAM.
+    b.sts.trust_role(
+        ROLE_B,
+        RoleTrust::service_accounts(&[("apps", "writer"), ("apps", "reader")]),
+    );
     b.kube
         .apply_service_account("apps", "reader", &[(ANN, ROLE_B)]);
     wait_for(Duration::from_secs(10), || async {
@@ -466,6 +505,9 @@ async fn agent_recovers_from_an_expired_watch() {
     );
 }
 
+/// One pod, one request: a failing TokenRequest (500) and a throttled STS call are both retried
+/// inside that one fetch (3 attempts), so the single GET succeeds; the counts show exactly the
+/// retries, nothing polled.
 #[tokio::test]
 async fn throttling_and_api_errors_are_retried() {
     let b = bed(&[]).await;
@@ -476,12 +518,27 @@ async fn throttling_and_api_errors_are_retried() {
     }));
     b.kube
         .create_pod(pod("apps", "flaky", NODE, "reader", &["127.0.0.161"]));
-    wait_for(Duration::from_secs(10), || async {
-        matches!(b.agent.get("127.0.0.161", &format!("{CREDS}reader")).await, Ok(r) if r.status == StatusCode::OK && r.text().contains("Success"))
-    })
-    .await
-    .unwrap();
-    assert!(b.sts.call_count() >= 2, "the throttled call was retried");
+    // Exactly one request (it waits for the pod and for the fetch the pod's arrival started).
+    let r = b
+        .agent
+        .get("127.0.0.161", &format!("{CREDS}reader"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json().unwrap()["Code"], "Success");
+    let calls = b.sts.calls();
+    let errors: Vec<Option<&str>> = calls.iter().map(|c| c.error.as_deref()).collect();
+    assert_eq!(
+        errors,
+        [Some("Throttling"), None],
+        "one throttled call, then success"
+    );
+    assert_eq!(
+        b.kube.counters().token_requests,
+        3,
+        "one failed TokenRequest, one per STS attempt after it"
+    );
+    assert_eq!(b.sts.issued().len(), 1);
 }
 
 #[tokio::test]

@@ -90,7 +90,11 @@ async fn served_credentials_are_the_ones_sts_issued_for_each_pods_role() {
     moto.require_auth().await.unwrap();
     // Control: with authentication on, the key id alone is not enough.
     for (what, field, garbage) in [
-        ("wrong secret", "SecretAccessKey", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+        (
+            "wrong secret",
+            "SecretAccessKey",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        ),
         ("wrong session token", "Token", "IQoJb3JpZ2luX2VjEXAMPLE"),
     ] {
         let mut forged = cart.clone();

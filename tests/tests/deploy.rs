@@ -46,12 +46,9 @@ fn cache_bin(name: &str) -> PathBuf {
     p
 }
 
+/// A binary of the workspace, built now if the sources changed (never a stale one).
 fn target_bin(name: &str) -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")))
-        .join("debug")
-        .join(name)
+    testbed::util::workspace_bin(name).unwrap()
 }
 
 fn run(cmd: &mut Command) -> std::process::Output {

@@ -27,17 +27,9 @@ const WRITER: &str = "arn:aws:iam::123456789012:role/legacy-writer";
 const AGENT_PORT: u16 = 8181;
 const OPS_PORT: u16 = 8182;
 
+/// The agent binary, built now if the sources changed (never a stale one).
 fn agent_bin() -> anyhow::Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/irsa-imds-agent");
-    anyhow::ensure!(
-        bin.exists(),
-        "{} missing: run `cargo build -p irsa-imds-agent` first (tests/run.sh does)",
-        bin.display()
-    );
-    Ok(bin)
+    testbed::util::workspace_bin("irsa-imds-agent")
 }
 
 struct Bed {
@@ -504,14 +496,38 @@ fn uninstall_agent(b: &Bed) {
 }
 
 fn cni_bin() -> PathBuf {
-    agent_bin().unwrap().with_file_name("irsa-imds-cni")
+    testbed::util::workspace_bin("irsa-imds-cni").unwrap()
+}
+
+/// What the agent answers pod `i` for `path`, asked directly at the agent's address (no DNAT).
+async fn direct_status(b: &Bed, i: usize, path: &str) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{AGENT_PORT} && printf 'GET {path} HTTP/1.0\\r\\nHost: 169.254.169.254\\r\\n\\r\\n' >&3 && head -1 <&3",
+        b.topo.node_ip()
+    );
+    let out = b
+        .topo
+        .exec_in(b.topo.pod_ns(i), "bash")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Per-pod mode: no host rule at all; the CNI hook's ADD installs the DNAT inside the pod's own
-/// namespace and registers the pod, and the old SDK gets its role through that.
+/// namespace and registers the pod, and the old SDK gets its role through that. The pod has no IP
+/// in the API (its sandbox is just being created), so only the registration can identify it; after
+/// the DEL, the agent answers the address nothing.
 #[tokio::test]
 async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
     let b = bed(1, "podmode").await;
+    b.kube.update_pod("legacy", "app-0", |p| {
+        let st = p.status.as_mut().unwrap();
+        st.phase = Some("Pending".into());
+        st.pod_ip = None;
+        st.pod_ips = None;
+    });
     let sock = b.dir.0.join("cni.sock");
     let mut agent = b.start_agent_with(&["--cni-socket", sock.to_str().unwrap()]);
     b.wait_ready().await;
@@ -597,7 +613,28 @@ async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
 
     let r = b.client(0, "legacy-boto").await;
     assert_eq!(r["arn"], assumed(READER, 0), "{r}\n{}", b.agent_log());
+    let creds = "/latest/meta-data/iam/security-credentials/";
+    assert!(
+        direct_status(&b, 0, creds).await.contains(" 200 "),
+        "registered: the agent names the pod"
+    );
     assert!(cni("DEL").await.status.success());
+    let after = direct_status(&b, 0, creds).await;
+    assert!(after.contains(" 404 "), "after DEL: {after:?}");
+    let pod_rules = testbed::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        b.topo.pod_ns(0),
+        "iptables",
+        "-t",
+        "nat",
+        "-S",
+        "OUTPUT",
+    ])
+    .unwrap();
+    let r = b.client(0, "legacy-boto").await;
+    assert_eq!(r["ok"], false, "after DEL: {r}; pod rules: {pod_rules}");
 
     let status = testbed::util::sigterm(&mut agent, Duration::from_secs(20))
         .await

@@ -43,17 +43,9 @@ async fn plane() -> Option<Arc<ControlPlane>> {
     Some(cp)
 }
 
+/// The agent binary, built now if the sources changed (never a stale one).
 fn agent_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let bin = target.join("debug/irsa-imds-agent");
-    assert!(
-        bin.exists(),
-        "{} missing: run `cargo build -p irsa-imds-agent` first (tests/run.sh does)",
-        bin.display()
-    );
-    bin
+    testbed::util::workspace_bin("irsa-imds-agent").unwrap()
 }
 
 fn free_port() -> u16 {
