@@ -243,6 +243,11 @@ fn chart_values_reach_the_daemonset() {
     );
     assert_eq!(pod["metadata"]["labels"]["team"], "platform");
     assert_eq!(agent["resources"]["limits"]["cpu"], "500m");
+    let args = agent["args"].to_string();
+    assert!(
+        args.contains("--session-scope=service-account") && args.contains("--refresh-at=90m"),
+        "{args}"
+    );
     let env: Vec<&str> = agent["env"]
         .as_array()
         .unwrap()
@@ -312,6 +317,7 @@ fn chart_values_reach_the_daemonset() {
     assert_eq!(spec["containers"][0]["image"], "irsa-imds:0.1.0");
     let args = spec["containers"][0]["args"].to_string();
     assert!(args.contains("\"--require-redirect\""), "{args}");
+    assert!(args.contains("--session-scope=pod"), "{args}");
     let terms = spec["affinity"]["nodeAffinity"].to_string();
     for want in [
         "kubernetes.io/os",
