@@ -161,13 +161,19 @@ impl Logs {
     fn install() -> Logs {
         static INSTALLED: std::sync::Once = std::sync::Once::new();
         INSTALLED.call_once(|| {
-            let subscriber = tracing_subscriber::fmt()
+            use tracing_subscriber::Layer;
+            use tracing_subscriber::layer::SubscriberExt;
+            // Without the agent's `imds` span (it is at debug, off at the production level):
+            // each line must name the pod in its own fields.
+            let layer = tracing_subscriber::fmt::layer()
                 .with_writer(|| ThreadCapture)
-                .with_max_level(tracing::Level::DEBUG)
                 .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
                 .event_format(irsa_imds_agent::telemetry::json::JsonLine::new(NODE))
-                .finish();
-            tracing::subscriber::set_global_default(subscriber).unwrap();
+                .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                    *m.level() <= tracing::Level::DEBUG && !(m.is_span() && m.name() == "imds")
+                }));
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+                .unwrap();
         });
         let logs = Logs::default();
         CAPTURE.with(|c| *c.borrow_mut() = Some(logs.clone()));

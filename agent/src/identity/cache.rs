@@ -15,7 +15,7 @@
 //!
 //! The numbers are in [`super::freshness`].
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -69,8 +69,9 @@ struct Slot {
     /// The pods this session serves (one in `pod` scope); the newest one's token is exchanged.
     members: ArcSwap<Vec<Arc<PodInfo>>>,
     role: Arc<RoleSpec>,
-    /// The current set's refresh point: renewed once less than this is left.
-    refresh_below: Mutex<Duration>,
+    /// The current set's refresh point, in milliseconds: renewed once less than this is left.
+    /// Read by every request: an atomic, never a lock.
+    refresh_below_ms: AtomicU64,
     /// Read by every request: swapped, never locked.
     current: arc_swap::ArcSwapOption<Served>,
     /// A recent refusal, served until the instant given.
@@ -90,16 +91,23 @@ impl Slot {
         self.members.load().last().cloned()
     }
     fn refresh_below(&self) -> Duration {
-        *lock(&self.refresh_below)
+        Duration::from_millis(self.refresh_below_ms.load(Ordering::Relaxed))
+    }
+    fn set_refresh_below(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.refresh_below_ms.store(ms, Ordering::Relaxed);
     }
 }
 
-/// A credential set as served: what STS issued, and the response body rendered from it once, on
-/// first use, then shared by every request that set answers.
+/// A credential set as served: what STS issued, the response body rendered from it once, on
+/// first use, then shared by every request that set answers, and the pods it was served to.
 #[derive(Debug)]
 pub struct Served {
     pub creds: Credentials,
     body: std::sync::OnceLock<bytes::Bytes>,
+    /// Uids of the pods this set was served to (one in `pod` scope; the ServiceAccount's pods on
+    /// this node in `service-account` scope): read without a lock, written once per pod.
+    served_to: ArcSwap<Vec<Box<str>>>,
 }
 
 impl Served {
@@ -107,7 +115,26 @@ impl Served {
         Served {
             creds,
             body: std::sync::OnceLock::new(),
+            served_to: ArcSwap::from_pointee(Vec::new()),
         }
+    }
+
+    /// True the first time this set is served to the pod `uid` (its audit line is written then);
+    /// forgotten with the set. Two racing first requests of one pod: one of them gets true.
+    pub fn first_serve_to(&self, uid: &str) -> bool {
+        if self.served_to.load().iter().any(|u| **u == *uid) {
+            return false;
+        }
+        let mut first = false;
+        self.served_to.rcu(|pods| {
+            first = !pods.iter().any(|u| **u == *uid);
+            let mut pods = Vec::clone(pods);
+            if first {
+                pods.push(uid.into());
+            }
+            pods
+        });
+        first
     }
 
     /// The body `render` makes of these credentials, rendered the first time only.
@@ -272,6 +299,15 @@ impl CredentialCache {
         }
     }
 
+    /// The credentials to serve when the pod's slot has a servable set: no lock, no allocation,
+    /// no wait (the hot path); `None` when [`get_served`](Self::get_served) must make the slot,
+    /// fetch or wait.
+    pub fn get_now(self: &Arc<Self>, pod: &Arc<PodInfo>, role: &RoleSpec) -> Option<Arc<Served>> {
+        let slot = self.indexed(pod, role)?;
+        self.join(&slot, pod);
+        self.servable(&slot)
+    }
+
     /// Warms the cache for a pod that just appeared, behind any request that is waiting. The slot
     /// is not held while queued, so the pod's own first request goes ahead of its prefetch.
     pub(crate) async fn prefetch(self: &Arc<Self>, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) {
@@ -296,19 +332,7 @@ impl CredentialCache {
 
     /// The slot for `pod` and `role`, made on first use; records the pod as one it serves.
     async fn slot(&self, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) -> Arc<Slot> {
-        let (a, b) = index_key(self.settings.scope, pod);
-        let indexed = self
-            .index
-            .load()
-            .get(a)
-            .and_then(|m| m.get(b))
-            .and_then(|slots| {
-                slots
-                    .iter()
-                    .find(|s| s.role.role_arn == role.role_arn)
-                    .cloned()
-            });
-        if let Some(slot) = indexed {
+        if let Some(slot) = self.indexed(pod, role) {
             self.join(&slot, pod);
             return slot;
         }
@@ -326,7 +350,10 @@ impl CredentialCache {
                 Arc::new(Slot {
                     members: ArcSwap::from_pointee(vec![pod.clone()]),
                     role: role.clone(),
-                    refresh_below: Mutex::new(self.settings.refresh_at_remaining),
+                    refresh_below_ms: AtomicU64::new(
+                        u64::try_from(self.settings.refresh_at_remaining.as_millis())
+                            .unwrap_or(u64::MAX),
+                    ),
                     current: arc_swap::ArcSwapOption::empty(),
                     refused: Mutex::new(None),
                     next_refresh_try: Mutex::new(None),
@@ -351,6 +378,21 @@ impl CredentialCache {
         });
         self.join(&slot, pod);
         slot
+    }
+
+    /// The slot for `pod` and `role` if it exists, from the index: no lock, no key built.
+    fn indexed(&self, pod: &PodInfo, role: &RoleSpec) -> Option<Arc<Slot>> {
+        let (a, b) = index_key(self.settings.scope, pod);
+        self.index
+            .load()
+            .get(a)
+            .and_then(|m| m.get(b))
+            .and_then(|slots| {
+                slots
+                    .iter()
+                    .find(|s| s.role.role_arn == role.role_arn)
+                    .cloned()
+            })
     }
 
     /// In `service-account` scope, records `pod` as one the session serves (once).
@@ -408,10 +450,11 @@ impl CredentialCache {
         let now = self.clock.now();
         match &result {
             Ok(c) => {
-                *lock(&slot.refresh_below) = self
-                    .settings
-                    .refresh_at_remaining
-                    .saturating_sub(REFRESH_SPREAD.mul_f64(unit_random()));
+                slot.set_refresh_below(
+                    self.settings
+                        .refresh_at_remaining
+                        .saturating_sub(REFRESH_SPREAD.mul_f64(unit_random())),
+                );
                 slot.current.store(Some(c.clone()));
                 *lock(&slot.refused) = None;
                 *lock(&slot.next_refresh_try) = None;
@@ -1199,5 +1242,21 @@ mod tests {
             "jwt-for-uid-1",
             "a token of the pod still there was exchanged"
         );
+    }
+
+    #[test]
+    fn a_set_is_first_served_once_to_each_pod() {
+        let s = Served::new(Credentials {
+            access_key_id: "ASIA1".into(),
+            secret_access_key: Secret::new("s"),
+            session_token: Secret::new("t"),
+            expiration: SystemTime::UNIX_EPOCH,
+            issued_at: SystemTime::UNIX_EPOCH,
+        });
+        assert!(s.first_serve_to("uid-1"));
+        assert!(!s.first_serve_to("uid-1"));
+        assert!(s.first_serve_to("uid-2"), "another pod sharing the set");
+        assert!(!s.first_serve_to("uid-2"));
+        assert!(!s.first_serve_to("uid-1"));
     }
 }

@@ -154,6 +154,21 @@ impl RoleResolver {
         }
     }
 
+    /// The role when a read younger than the TTL knows it: no lock, no allocation, no wait (the
+    /// hot path); `None` when [`resolve`](Self::resolve) must read the ServiceAccount.
+    pub(crate) fn resolve_now(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Option<Option<Arc<RoleSpec>>> {
+        self.recent
+            .load()
+            .get(namespace)
+            .and_then(|m| m.get(service_account))
+            .filter(|(_, read)| read.elapsed() < self.ttl)
+            .map(|(role, _)| role.clone())
+    }
+
     /// The role for `namespace/service_account`, or `None` when it names none. Concurrent misses
     /// share one read; errors are not cached.
     pub(crate) async fn resolve(
@@ -161,14 +176,8 @@ impl RoleResolver {
         namespace: &str,
         service_account: &str,
     ) -> Result<Option<Arc<RoleSpec>>, IdentityError> {
-        if let Some((role, read)) = self
-            .recent
-            .load()
-            .get(namespace)
-            .and_then(|m| m.get(service_account))
-            && read.elapsed() < self.ttl
-        {
-            return Ok(role.clone());
+        if let Some(role) = self.resolve_now(namespace, service_account) {
+            return Ok(role);
         }
         let key = (namespace.to_string(), service_account.to_string());
         self.cache
@@ -227,6 +236,23 @@ impl RoleResolver {
                 .get(REGIONAL_STS_ANNOTATION)
                 .is_none_or(|v| v.trim() != "false"),
             source: RoleSource::ServiceAccount,
+        })
+    }
+
+    /// What [`grant`](Self::grant) answers when it is at hand without reading the API (the hot
+    /// path: the ServiceAccount's role read less than the TTL ago, or else the pod's kube2iam
+    /// grant still kept, or the default role); `None` when `grant` must read.
+    pub(crate) fn grant_now(&self, pod: &PodInfo) -> Option<RoleGrant> {
+        if let Some(role) = self.resolve_now(&pod.namespace, &pod.service_account)? {
+            return Some(RoleGrant::Role(role));
+        }
+        if let (Some(_), Some(value)) = (&self.kube2iam, &pod.kube2iam_role) {
+            let hit = self.pod_grants.get(pod.uid.as_str())?;
+            return (hit.0 == *value).then(|| hit.1.clone());
+        }
+        Some(match &self.default_role {
+            Some(role) => RoleGrant::Role(role.clone()),
+            None => RoleGrant::NoRole,
         })
     }
 

@@ -20,15 +20,16 @@ pub(crate) const TTL_HEADER: &str = "x-aws-ec2-metadata-token-ttl-seconds";
 /// Paths longer than this are refused before any matching: real metadata paths are short.
 const MAX_PATH_LEN: usize = 512;
 
-/// What a request asks for, once it passed the protocol checks.
+/// What a request asks for, once it passed the protocol checks. Borrows the request's path, so
+/// routing allocates nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+pub enum Route<'a> {
     /// `PUT /latest/api/token`.
     IssueToken { ttl: u64 },
     /// `GET .../iam/security-credentials/`: the role name.
     RoleList,
     /// `GET .../iam/security-credentials/<name>`.
-    Credentials { name: String },
+    Credentials { name: &'a str },
     /// `GET .../iam/info`.
     Info,
     /// `GET .../iam/`.
@@ -37,7 +38,7 @@ pub enum Route {
     Upstream { path: UpstreamPath },
 }
 
-impl Route {
+impl Route<'_> {
     /// Low-cardinality name for metrics and logs.
     pub(crate) fn metric_label(&self) -> &'static str {
         match self {
@@ -107,12 +108,12 @@ pub struct Policy {
 /// escape, `\`, `;`, controls, non-ASCII) is refused before routing, whatever an upstream might
 /// make of it. Only the last segment of a credentials path may also carry the other characters
 /// IAM allows in role names (`+=,@`); that route is answered here and never goes upstream.
-pub fn route(
+pub fn route<'a>(
     method: &Method,
-    path: &str,
+    path: &'a str,
     headers: &HeaderMap,
     policy: &Policy,
-) -> Result<Route, Reply> {
+) -> Result<Route<'a>, Reply> {
     if *method != Method::GET && *method != Method::HEAD && *method != Method::PUT {
         return Err(Reply::status(StatusCode::METHOD_NOT_ALLOWED));
     }
@@ -179,9 +180,7 @@ pub fn route(
         _ => {}
     }
     if let Some(name) = role_name {
-        return Ok(Route::Credentials {
-            name: name.to_string(),
-        });
+        return Ok(Route::Credentials { name });
     }
     if never_proxied(rest) {
         return Err(Reply::not_found());
@@ -326,7 +325,11 @@ mod tests {
         h
     }
 
-    fn r(method: Method, path: &str, h: &[(&'static str, &str)]) -> Result<Route, StatusCode> {
+    fn r<'a>(
+        method: Method,
+        path: &'a str,
+        h: &[(&'static str, &str)],
+    ) -> Result<Route<'a>, StatusCode> {
         route(&method, path, &hdrs(h), &policy()).map_err(|e| e.status)
     }
 
@@ -422,9 +425,7 @@ mod tests {
                 "/latest/meta-data/iam/security-credentials/app-role",
                 &[]
             ),
-            Ok(Route::Credentials {
-                name: "app-role".into()
-            })
+            Ok(Route::Credentials { name: "app-role" })
         );
         assert_eq!(
             r(Method::GET, "/2016-09-02/meta-data/iam/info", &[]),
@@ -585,7 +586,7 @@ mod tests {
                 &[]
             ),
             Ok(Route::Credentials {
-                name: "svc+a=b,c@d_e.f-g".into()
+                name: "svc+a=b,c@d_e.f-g"
             })
         );
         for name in ["a%2fb", "a;b", "..", "a\\b", "a b"] {

@@ -3,7 +3,6 @@
 //! reply out. No sockets here: the HTTP plumbing lives in the server, the seams' real
 //! implementations in `pods` and `identity`, so each rule of DESIGN §3 is unit-tested with fakes.
 
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,19 +18,35 @@ use super::{
 use crate::identity::{Clock, IdentityError, RoleGrant, RoleSpec, Served};
 use crate::pods::{Lookup, PodInfo};
 
+// Each seam has a synchronous `*_now` answer for what is at hand (the hot path: a cached GET
+// then costs no boxed future and no wait) and the full asynchronous one; the protocol asks the
+// first and falls back to the second, so both must agree.
+
 /// Who is calling: the pod at a source address. May wait, bounded, for a pod not known yet.
 pub trait Callers: Send + Sync {
+    /// A decisive answer when one is at hand without waiting.
+    fn identify_now(&self, _ip: IpAddr) -> Option<Lookup> {
+        None
+    }
     fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup>;
 }
 
 /// Which role a pod is granted (its ServiceAccount's, else in kube2iam mode its annotation's,
 /// else the default role), or why none.
 pub trait Roles: Send + Sync {
+    /// The answer when it is at hand without reading the API.
+    fn role_now(&self, _pod: &PodInfo) -> Option<RoleGrant> {
+        None
+    }
     fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, Result<RoleGrant, IdentityError>>;
 }
 
 /// Which credentials a pod is served for its role.
 pub trait CredentialSource: Send + Sync {
+    /// A servable set when one is cached, without fetching or waiting.
+    fn credentials_now(&self, _pod: &Arc<PodInfo>, _role: &Arc<RoleSpec>) -> Option<Arc<Served>> {
+        None
+    }
     fn credentials<'a>(
         &'a self,
         pod: &'a Arc<PodInfo>,
@@ -159,22 +174,17 @@ impl Refusal {
 pub(crate) const ASSUME_ROLE_FAILED: &str =
     "The role could not be assumed for this pod; see the pod's events for the cause.";
 
-/// A credential set is audited once per pod; it lives at most 12 h (STS), so entries can go after.
-const AUDIT_MEMORY: Duration = Duration::from_secs(13 * 3600);
-/// Credential sets remembered as audited; beyond that the oldest may be audited twice.
-const AUDIT_CAPACITY: u64 = 100_000;
 /// One refusal line per source address and reason per this long (except the routine "no role",
 /// at debug): neither a stranger nor a pod in a retry loop can grow the log per request.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 const REFUSAL_LOG_KEYS: u64 = 10_000;
 
-/// The protocol's state: the session-token key, the operator's choices, and what has been
-/// audited already (so logs grow with credential sets and callers, not with requests).
+/// The protocol's state: the session-token key, the operator's choices, and the callers whose
+/// refusal was logged (so logs grow with credential sets and callers, not with requests; which
+/// pods a credential set was audited for is kept on the set, [`Served::first_serve_to`]).
 pub struct Protocol {
     tokens: TokenAuthority,
     policy: Policy,
-    /// (pod uid, access key id) hashes already written to the audit log.
-    audited: moka::sync::Cache<u64, ()>,
     /// Source addresses and reasons whose refusal was logged recently.
     refused_logged: moka::sync::Cache<(IpAddr, Refusal), ()>,
 }
@@ -193,10 +203,6 @@ impl Protocol {
         Protocol {
             tokens,
             policy,
-            audited: moka::sync::Cache::builder()
-                .max_capacity(AUDIT_CAPACITY)
-                .time_to_live(AUDIT_MEMORY)
-                .build(),
             refused_logged: moka::sync::Cache::builder()
                 .max_capacity(REFUSAL_LOG_KEYS)
                 .time_to_live(REFUSAL_LOG_EVERY)
@@ -204,24 +210,13 @@ impl Protocol {
         }
     }
 
-    /// True the first time this pod is served this credential set.
-    fn first_serve(&self, pod: &PodInfo, access_key_id: &str) -> bool {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        pod.uid.hash(&mut h);
-        access_key_id.hash(&mut h);
-        let key = h.finish();
-        if self.audited.contains_key(&key) {
-            return false;
-        }
-        // Two racing first requests may both log: harmless, and no lock on the hot path.
-        self.audited.insert(key, ());
-        true
-    }
-
-    /// Answers one request from `ip`. The span carries the caller's pod once it is known, so
-    /// every line logged while answering names it.
+    /// Answers one request from `ip`. Each line logged here names the caller (source, and pod
+    /// once known) in its own fields; the span carrying them too exists at `debug` only, so a
+    /// request costs no span at the production level (a span per request cost more than the
+    /// rest of a cached GET).
     #[tracing::instrument(
         name = "imds",
+        level = "debug",
         skip_all,
         fields(source_ip = %ip, route = Empty, pod = Empty, namespace = Empty, service_account = Empty)
     )]
@@ -242,12 +237,22 @@ impl Protocol {
                 tracing::Span::current().record("route", label);
                 let (answer, refused) = match self.serve(route, head, ip, seams).await {
                     Outcome::Answer(a) => (a, None),
-                    Outcome::Refused(why, detail) => {
-                        self.log_refusal(ip, why, detail.as_deref());
+                    Outcome::Refused(why, detail, pod) => {
+                        let who = Caller {
+                            ip,
+                            route: label,
+                            pod: pod.as_deref(),
+                        };
+                        self.log_refusal(who, why, detail.as_deref());
                         (Answer::Reply(Reply::not_found()), Some(why))
                     }
                     Outcome::TokenRefused(why) => {
-                        self.log_refusal(ip, why, None);
+                        let who = Caller {
+                            ip,
+                            route: label,
+                            pod: None,
+                        };
+                        self.log_refusal(who, why, None);
                         (
                             Answer::Reply(Reply::status(StatusCode::FORBIDDEN)),
                             Some(why),
@@ -263,42 +268,54 @@ impl Protocol {
         }
     }
 
-    /// Logs a refusal with its reason; the span names the pod when it is known. The routine "no
-    /// role" goes at debug; the rest at info, once a minute per source address and reason.
-    fn log_refusal(&self, ip: IpAddr, why: Refusal, detail: Option<&str>) {
+    /// Logs a refusal with its reason, naming the caller (source, route, and pod when it is known)
+    /// in the line's own fields. The routine "no role" goes at debug; the rest at info, once a
+    /// minute per source address and reason.
+    fn log_refusal(&self, who: Caller<'_>, why: Refusal, detail: Option<&str>) {
+        let ip = who.ip;
+        let (pod, namespace, service_account) = match who.pod {
+            Some(p) => (
+                Some(p.name.as_str()),
+                Some(p.namespace.as_str()),
+                Some(p.service_account.as_str()),
+            ),
+            None => (None, None, None),
+        };
         if why == Refusal::NoRole {
-            tracing::debug!(reason = why.metric_label(), "not found: {}", why.describe());
+            tracing::debug!(
+                source_ip = %ip, route = who.route, pod, namespace, service_account,
+                reason = why.metric_label(),
+                "not found: {}",
+                why.describe()
+            );
             return;
         }
         if self.refused_logged.contains_key(&(ip, why)) {
             return;
         }
         self.refused_logged.insert((ip, why), ());
-        match detail {
-            Some(detail) => tracing::info!(
-                reason = why.metric_label(),
-                detail,
-                "refused: {} (logged once a minute per source and reason)",
-                why.describe()
-            ),
-            None => tracing::info!(
-                reason = why.metric_label(),
-                "refused: {} (logged once a minute per source and reason)",
-                why.describe()
-            ),
-        }
+        tracing::info!(
+            source_ip = %ip, route = who.route, pod, namespace, service_account,
+            reason = why.metric_label(),
+            detail,
+            "refused: {} (logged once a minute per source and reason)",
+            why.describe()
+        );
     }
 
     async fn serve(
         &self,
-        route: Route,
+        route: Route<'_>,
         head: RequestHead<'_>,
         ip: IpAddr,
         s: Seams<'_>,
     ) -> Outcome {
         // A caller that is not exactly one pod of this node gets nothing: no session token, no
         // passthrough, no credentials.
-        let lookup = s.callers.identify(ip).await;
+        let lookup = match s.callers.identify_now(ip) {
+            Some(l) => l,
+            None => s.callers.identify(ip).await,
+        };
         let pod = match (lookup, &route) {
             (Lookup::Found(pod), _) => pod,
             (other, Route::IssueToken { .. }) => {
@@ -309,6 +326,7 @@ impl Protocol {
             (other, _) => {
                 return Outcome::Refused(
                     Refusal::of_lookup(&other).unwrap_or(Refusal::UnknownSource),
+                    None,
                     None,
                 );
             }
@@ -327,7 +345,11 @@ impl Protocol {
                     r
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot issue session token");
+                    tracing::error!(
+                        source_ip = %ip, pod = %pod.name, namespace = %pod.namespace,
+                        service_account = %pod.service_account, error = %e,
+                        "cannot issue session token"
+                    );
                     Reply::status(StatusCode::INTERNAL_SERVER_ERROR)
                 }
             }));
@@ -345,17 +367,25 @@ impl Protocol {
         if let Route::Upstream { path } = route {
             return Outcome::Answer(Answer::Upstream { path });
         }
-        let role = match s.roles.role_of(&pod).await {
+        let grant = match s.roles.role_now(&pod) {
+            Some(g) => Ok(g),
+            None => s.roles.role_of(&pod).await,
+        };
+        let role = match grant {
             Ok(RoleGrant::Role(role)) => role,
-            Ok(RoleGrant::NoRole) => return Outcome::Refused(Refusal::NoRole, None),
+            Ok(RoleGrant::NoRole) => return Outcome::Refused(Refusal::NoRole, None, Some(pod)),
             Ok(RoleGrant::NotAllowed { role_arn }) => {
-                return Outcome::Refused(Refusal::RoleNotAllowed, Some(role_arn));
+                return Outcome::Refused(Refusal::RoleNotAllowed, Some(role_arn), Some(pod));
             }
             Ok(RoleGrant::Invalid { reason }) => {
-                return Outcome::Refused(Refusal::InvalidRole, Some(reason));
+                return Outcome::Refused(Refusal::InvalidRole, Some(reason), Some(pod));
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read what names the pod's role");
+                tracing::warn!(
+                    source_ip = %ip, pod = %pod.name, namespace = %pod.namespace,
+                    service_account = %pod.service_account, error = %e,
+                    "cannot read what names the pod's role"
+                );
                 return Outcome::reply(Reply::status(StatusCode::INTERNAL_SERVER_ERROR));
             }
         };
@@ -367,19 +397,24 @@ impl Protocol {
                 if *head.method == Method::HEAD {
                     return Outcome::reply(Reply::ok(Bytes::new()));
                 }
-                let got = s.credentials.credentials(&pod, &role).await;
+                let got = match s.credentials.credentials_now(&pod, &role) {
+                    Some(served) => Ok(served),
+                    None => s.credentials.credentials(&pod, &role).await,
+                };
                 if let Ok(served) = &got
-                    && self.first_serve(&pod, &served.creds.access_key_id)
+                    && served.first_serve_to(&pod.uid)
                 {
                     let c = &served.creds;
                     tracing::info!(
                         target: "audit",
-                        role = %role.role_arn, role_source = role.source.label(), source_ip = %ip,
+                        source_ip = %ip, route = "credentials", pod = %pod.name,
+                        namespace = %pod.namespace, service_account = %pod.service_account,
+                        role = %role.role_arn, role_source = role.source.label(),
                         access_key_id = %c.access_key_id,
                         expiration = %wire::timestamp(c.expiration), "credentials vended"
                     );
                 }
-                credentials_reply(got, now)
+                credentials_reply(got, now, pod)
             }
             Route::Credentials { name } => Outcome::Refused(
                 Refusal::WrongRoleName,
@@ -387,17 +422,27 @@ impl Protocol {
                     "asked for {name:?}, the pod's role is {:?}",
                     role.role_name()
                 )),
+                Some(pod),
             ),
             Route::IssueToken { .. } | Route::Upstream { .. } => Outcome::reply(Reply::not_found()),
         }
     }
 }
 
-/// What `serve` decided: an answer, or a refusal (404; 403 for a session token) and its reason.
+/// What `serve` decided: an answer, or a refusal (404; 403 for a session token) with its reason,
+/// its detail and the pod when the caller was identified.
 enum Outcome {
     Answer(Answer),
-    Refused(Refusal, Option<String>),
+    Refused(Refusal, Option<String>, Option<Arc<PodInfo>>),
     TokenRefused(Refusal),
+}
+
+/// Who a refusal line names: the source, the route asked, the pod when it is known.
+#[derive(Clone, Copy)]
+struct Caller<'a> {
+    ip: IpAddr,
+    route: &'static str,
+    pod: Option<&'a PodInfo>,
 }
 
 impl Outcome {
@@ -411,6 +456,7 @@ impl Outcome {
 fn credentials_reply(
     got: Result<Arc<Served>, IdentityError>,
     now: std::time::SystemTime,
+    pod: Arc<PodInfo>,
 ) -> Outcome {
     Outcome::reply(match got {
         // Rendered once per credential set, then shared by every request it answers.
@@ -424,7 +470,9 @@ fn credentials_reply(
             ))
         })),
         // The pod went away while we asked: it has no credentials any more.
-        Err(IdentityError::PodGone { .. }) => return Outcome::Refused(Refusal::Terminal, None),
+        Err(IdentityError::PodGone { .. }) => {
+            return Outcome::Refused(Refusal::Terminal, None, Some(pod));
+        }
         // What EC2 answers for a role it cannot assume: SDKs report it instead of retrying.
         Err(e) if !e.retryable() => {
             tracing::debug!(error = %e, "role cannot be assumed");

@@ -623,12 +623,18 @@ impl LogBuf {
     fn capture() -> LogBuf {
         static INSTALLED: std::sync::Once = std::sync::Once::new();
         INSTALLED.call_once(|| {
-            let subscriber = tracing_subscriber::fmt()
+            use tracing_subscriber::Layer;
+            use tracing_subscriber::layer::SubscriberExt;
+            // Without the `imds` span (it is at debug, off at the production level): each line
+            // must name the caller in its own fields.
+            let layer = tracing_subscriber::fmt::layer()
                 .with_writer(|| ThreadCapture)
-                .with_max_level(tracing::Level::DEBUG)
                 .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
                 .event_format(crate::telemetry::json::JsonLine::new("node-1"))
-                .finish();
+                .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+                    *m.level() <= tracing::Level::DEBUG && !(m.is_span() && m.name() == "imds")
+                }));
+            let subscriber = tracing_subscriber::registry().with(layer);
             tracing::subscriber::set_global_default(subscriber)
                 .expect("no other global subscriber in the agent's unit tests");
         });
@@ -737,8 +743,18 @@ async fn every_refusal_has_its_reason_in_the_decision_and_the_log() {
             line["message"].as_str().unwrap().contains(why.describe()),
             "{line}"
         );
+        let route = if path.ends_with('/') {
+            "role_list"
+        } else {
+            "credentials"
+        };
+        assert_eq!(line["route"], route, "{line}");
         match pod_name {
-            Some(name) => assert_eq!(line["pod"], *name, "{line}"),
+            Some(name) => {
+                assert_eq!(line["pod"], *name, "{line}");
+                assert_eq!(line["namespace"], "apps", "{line}");
+                assert!(line["service_account"].is_string(), "{line}");
+            }
             None => assert!(line.get("pod").is_none(), "{line}"),
         }
         let level = if *why == Refusal::NoRole {

@@ -827,6 +827,12 @@ impl PodIndex {
         self.lock().lookup(ip)
     }
 
+    /// The decisive answer for `ip` when the current snapshot has one: no lock, no wait (the
+    /// hot path); `None` when [`resolve`](Self::resolve) must look further or wait.
+    pub fn resolve_now(&self, ip: IpAddr) -> Option<Lookup> {
+        self.snapshot_lookup(ip)
+    }
+
     /// Like [`lookup`](Self::lookup), but waits up to `wait` for an unknown or pending IP to be
     /// resolved by a registration or a watch event.
     pub(crate) async fn resolve(&self, ip: IpAddr, wait: Duration) -> Lookup {

@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,7 +13,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +23,9 @@ use super::gate::{Gate, Lane, Refusal};
 use super::redirect;
 use crate::imds::{Answer, Reply, RequestHead, UpstreamPath};
 
+/// How often a connection's watchdog looks at its progress: twice per header timeout, so a
+/// connection without a request head is cut after 1 to 1.5 times the timeout.
+const WATCHDOG_TICKS_PER_TIMEOUT: u32 = 2;
 /// Request heads above this size get 431: real metadata requests are a few hundred bytes.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// An accept error (out of descriptors, say) is retried after this instead of spinning.
@@ -95,25 +99,33 @@ where
             };
             let health_only = pass.lane == Lane::Health;
             let handler = handler.clone();
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let handler = handler.clone();
-                async move {
-                    if health_only && !HEALTH_PATHS.contains(&req.uri().path()) {
-                        return Ok::<_, Infallible>(busy());
+            let progress = Arc::new(Progress::default());
+            let svc = {
+                let progress = progress.clone();
+                service_fn(move |req: Request<Incoming>| {
+                    let handler = handler.clone();
+                    let answering = Answering::start(&progress);
+                    async move {
+                        if health_only && !HEALTH_PATHS.contains(&req.uri().path()) {
+                            return Ok::<_, Infallible>(busy());
+                        }
+                        let reply = handler(req, peer).await;
+                        drop(answering);
+                        Ok::<_, Infallible>(reply)
                     }
-                    Ok::<_, Infallible>(handler(req, peer).await)
-                }
-            });
+                })
+            };
+            // No hyper timer: its header read timeout arms (allocates and registers) a timer
+            // for every request; the watchdog below is one timer per connection.
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .keep_alive(!health_only);
+            http.max_buf_size(MAX_HEAD_BYTES).keep_alive(!health_only);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
             let fut = graceful.watch(conn);
             tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::debug!(error = %e, peer = %peer, "connection error");
+                match watched(fut, &progress, header_timeout).await {
+                    Some(Err(e)) => tracing::debug!(error = %e, peer = %peer, "connection error"),
+                    Some(Ok(())) => {}
+                    None => tracing::debug!(peer = %peer, "no request head in time; closed"),
                 }
                 drop(pass);
             });
@@ -126,6 +138,65 @@ fn busy() -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(b"busy\n")));
     *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     r
+}
+
+/// What a connection's watchdog sees: request heads completed, requests being answered.
+#[derive(Default)]
+struct Progress {
+    heads: AtomicU64,
+    answering: AtomicU32,
+}
+
+/// A request being answered (a head completed); counted until dropped.
+struct Answering(Arc<Progress>);
+
+impl Answering {
+    fn start(p: &Arc<Progress>) -> Self {
+        p.heads.fetch_add(1, Ordering::Relaxed);
+        p.answering.fetch_add(1, Ordering::Relaxed);
+        Answering(p.clone())
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.answering.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `conn` until it ends, or until watchdog ticks covering `header_timeout` in a row saw no
+/// new request head and none being answered (`None`: dropped, which closes the connection).
+async fn watched<F: Future>(
+    conn: F,
+    progress: &Progress,
+    header_timeout: Duration,
+) -> Option<F::Output> {
+    let mut conn = std::pin::pin!(conn);
+    let every = watchdog_tick(header_timeout);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let (mut seen, mut stalled) = (0, 0);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut conn => return Some(out),
+            _ = tick.tick() => {
+                let heads = progress.heads.load(Ordering::Relaxed);
+                if heads != seen || progress.answering.load(Ordering::Relaxed) > 0 {
+                    (seen, stalled) = (heads, 0);
+                } else {
+                    stalled += 1;
+                    if every * stalled >= header_timeout {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The watchdog's period for a listener's header timeout (never zero).
+fn watchdog_tick(header_timeout: Duration) -> Duration {
+    (header_timeout / WATCHDOG_TICKS_PER_TIMEOUT).max(Duration::from_millis(1))
 }
 
 impl Agent {
@@ -197,6 +268,88 @@ fn to_response(reply: Reply) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// One response on `s`, read until its body ("ok") arrived.
+    async fn answer(s: &mut TcpStream, path: &str) -> String {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while !got.ends_with(b"ok") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed while answering: {}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_head_is_cut_off_and_a_busy_one_is_not() {
+        const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+        let tick = watchdog_tick(HEADER_TIMEOUT);
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let caps = super::super::gate::Caps {
+            max: 16,
+            per_source: 16,
+            reserved: 0,
+        };
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new());
+        let listener = Listener {
+            socket,
+            gate: Gate::new("imds", caps, metrics),
+            header_timeout: HEADER_TIMEOUT,
+            require_redirect: false,
+        };
+        let stop = CancellationToken::new();
+        let graceful = Arc::new(GracefulShutdown::new());
+        let server = serve(listener, stop.clone(), &graceful, |req, _| async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+            Response::new(Full::new(Bytes::from_static(b"ok")))
+        });
+
+        // Slowloris: half a head, then nothing.
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let t0 = tokio::time::Instant::now();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            slow.read(&mut buf).await.unwrap(),
+            0,
+            "closed, nothing sent"
+        );
+        let waited = t0.elapsed();
+        assert!(
+            waited >= HEADER_TIMEOUT && waited <= HEADER_TIMEOUT + tick,
+            "{waited:?}"
+        );
+
+        // A kept-alive connection asking every second, then a request answered for 20 s: open.
+        let mut busy = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..20 {
+            assert!(answer(&mut busy, "/").await.starts_with("HTTP/1.1 200"));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert!(answer(&mut busy, "/slow").await.starts_with("HTTP/1.1 200"));
+        // Then idle: cut off like any connection without a head.
+        let t1 = tokio::time::Instant::now();
+        assert_eq!(busy.read(&mut buf).await.unwrap(), 0);
+        assert!(t1.elapsed() <= HEADER_TIMEOUT + tick);
+
+        stop.cancel();
+        server.await.unwrap();
+    }
 
     #[test]
     fn every_refusal_has_its_own_not_found_series() {

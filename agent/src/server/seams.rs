@@ -23,6 +23,12 @@ impl Agent {
 }
 
 impl Callers for Agent {
+    fn identify_now(&self, ip: IpAddr) -> Option<Lookup> {
+        let lookup = self.index.resolve_now(ip)?;
+        self.metrics.lookup(lookup.metric_label());
+        Some(lookup)
+    }
+
     fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup> {
         Box::pin(async move {
             let lookup = self.index.resolve(ip, self.pod_wait).await;
@@ -33,12 +39,20 @@ impl Callers for Agent {
 }
 
 impl Roles for Agent {
+    fn role_now(&self, pod: &PodInfo) -> Option<RoleGrant> {
+        self.roles.grant_now(pod)
+    }
+
     fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, Result<RoleGrant, IdentityError>> {
         Box::pin(self.roles.grant(pod))
     }
 }
 
 impl CredentialSource for Agent {
+    fn credentials_now(&self, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) -> Option<Arc<Served>> {
+        self.creds.get_now(pod, role)
+    }
+
     fn credentials<'a>(
         &'a self,
         pod: &'a Arc<PodInfo>,

@@ -2,8 +2,10 @@
 //! (these machines are shared and noisy: read the ratios, not the absolute times).
 //!
 //! `cargo run --release -p irsa-imds-testbed --bin bench [-- --quick] [-- --no-callgrind]
-//! [-- --agent-exe PATH]` (PATH: another build of this binary, whose agent is then measured:
-//! old against new with the same load generator and ceiling)
+//! [-- --agent-exe PATH] [-- --callgrind-out DIR] [-- --callgrind-only]` (PATH: another build of
+//! this binary, whose agent is then measured: old against new with the same load generator and
+//! ceiling; DIR keeps the callgrind dumps, `agent.cg` and `ceiling.cg`, for `callgrind_annotate`;
+//! `--callgrind-only` measures instructions only, which do not move with machine load)
 //!
 //! The agent runs as it does in production: its own process (this binary re-executed as
 //! `bench agent <flags>`, which does exactly what the agent's `main` does), JSON logs at `info`
@@ -67,11 +69,9 @@ fn main() -> anyhow::Result<()> {
             let opts = Opts {
                 quick: args.iter().any(|a| a == "--quick"),
                 callgrind: !args.iter().any(|a| a == "--no-callgrind"),
-                agent_exe: args
-                    .iter()
-                    .position(|a| a == "--agent-exe")
-                    .and_then(|i| args.get(i + 1))
-                    .map(PathBuf::from),
+                callgrind_only: args.iter().any(|a| a == "--callgrind-only"),
+                agent_exe: flag_value(&args, "--agent-exe"),
+                callgrind_out: flag_value(&args, "--callgrind-out"),
             };
             // One load generator thread for both servers (the emulators share it; they are idle
             // while the hot path is measured).
@@ -86,7 +86,16 @@ fn main() -> anyhow::Result<()> {
 struct Opts {
     quick: bool,
     callgrind: bool,
+    callgrind_only: bool,
     agent_exe: Option<PathBuf>,
+    callgrind_out: Option<PathBuf>,
+}
+
+fn flag_value(args: &[String], flag: &str) -> Option<PathBuf> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -643,6 +652,7 @@ async fn instructions_per_get(
     dir: &Path,
     tag: &str,
     n: usize,
+    keep: Option<&Path>,
 ) -> anyhow::Result<f64> {
     let pid = server.pid()?;
     keepalive(server.addr, CREDS, 1, 200).await?;
@@ -659,13 +669,19 @@ async fn instructions_per_get(
             .flatten()
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .find_map(|e| cg_total(&e.path()));
+            .find_map(|e| Some((cg_total(&e.path())?, e.path())));
+        let done = found.is_some();
         total = found;
-        std::future::ready(found.is_some())
+        std::future::ready(done)
     })
     .await
     .with_context(|| format!("no callgrind dump {prefix}*"))?;
-    Ok(total.unwrap_or(0) as f64 / n as f64)
+    let (total, dump) = total.ok_or_else(|| anyhow!("no callgrind dump {prefix}*"))?;
+    if let Some(keep) = keep {
+        std::fs::create_dir_all(keep)?;
+        std::fs::copy(&dump, keep.join(format!("{tag}.cg")))?;
+    }
+    Ok(total as f64 / n as f64)
 }
 
 async fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
@@ -875,13 +891,51 @@ async fn orchestrate(opts: Opts) -> anyhow::Result<()> {
         recorded[1].body.len()
     );
 
+    if !opts.callgrind_only {
+        ratios(&opts, agent.addr, ceiling.addr).await?;
+    }
+    drop(ceiling);
+    drop(agent);
+
+    // Before the cold start, so no prefetch runs while instructions are counted.
+    if opts.callgrind {
+        let n = if opts.quick { 500 } else { 2000 };
+        let agent = bed.agent(true).await?;
+        let keep = opts.callgrind_out.as_deref();
+        let a = instructions_per_get(&agent, bed.dir.path(), "agent", n, keep).await?;
+        drop(agent);
+        let ceiling = bed.ceiling(&spec, true).await?;
+        let c = instructions_per_get(&ceiling, bed.dir.path(), "ceiling", n, keep).await?;
+        drop(ceiling);
+        println!(
+            "== instructions per cached GET (callgrind, {n} GETs on one kept-alive connection after 200 to warm up)"
+        );
+        println!(
+            "agent {a:.0}, ceiling {c:.0}: {:.2}x (target <= 1.30)",
+            a / c
+        );
+    }
+
+    if opts.callgrind_only {
+        return Ok(());
+    }
+    // A fresh agent, so its RSS is the cold start's.
+    let agent = bed.agent(false).await?;
+    cold_start(&bed, &agent).await?;
+    drop(agent);
+    Ok(())
+}
+
+/// Cached GETs on kept-alive connections and full IMDSv2 fetches on new ones, agent against
+/// ceiling in A/B/B/A rounds.
+async fn ratios(opts: &Opts, agent: SocketAddr, ceiling: SocketAddr) -> anyhow::Result<()> {
     let (per, fetches, rounds) = if opts.quick {
         (100, 20, 1)
     } else {
         (500, 60, 3)
     };
     let conns = 64;
-    let rows = abba(agent.addr, ceiling.addr, rounds, |to| {
+    let rows = abba(agent, ceiling, rounds, |to| {
         keepalive(to, CREDS, conns, per)
     })
     .await?;
@@ -915,10 +969,7 @@ async fn orchestrate(opts: Opts) -> anyhow::Result<()> {
     );
 
     let clients = 16;
-    let rows = abba(agent.addr, ceiling.addr, rounds, |to| {
-        imdsv2(to, clients, fetches)
-    })
-    .await?;
+    let rows = abba(agent, ceiling, rounds, |to| imdsv2(to, clients, fetches)).await?;
     println!(
         "== full IMDSv2 fetch (PUT token, GET role, GET credentials; each on a new connection), {clients} clients, {} fetches per run",
         clients * fetches
@@ -940,31 +991,6 @@ async fn orchestrate(opts: Opts) -> anyhow::Result<()> {
         median(&ratios),
         best(&ratios, true)
     );
-    drop(ceiling);
-    drop(agent);
-
-    // Before the cold start, so no prefetch runs while instructions are counted.
-    if opts.callgrind {
-        let n = if opts.quick { 500 } else { 2000 };
-        let agent = bed.agent(true).await?;
-        let a = instructions_per_get(&agent, bed.dir.path(), "agent", n).await?;
-        drop(agent);
-        let ceiling = bed.ceiling(&spec, true).await?;
-        let c = instructions_per_get(&ceiling, bed.dir.path(), "ceiling", n).await?;
-        drop(ceiling);
-        println!(
-            "== instructions per cached GET (callgrind, {n} GETs on one kept-alive connection after 200 to warm up)"
-        );
-        println!(
-            "agent {a:.0}, ceiling {c:.0}: {:.2}x (target <= 1.30)",
-            a / c
-        );
-    }
-
-    // A fresh agent, so its RSS is the cold start's.
-    let agent = bed.agent(false).await?;
-    cold_start(&bed, &agent).await?;
-    drop(agent);
     Ok(())
 }
 
