@@ -180,7 +180,9 @@ pub(crate) type FailureHook = Arc<dyn Fn(&PodInfo, &RoleSpec, &IdentityError) + 
 /// Slots by owner, for requests: a read takes no lock and builds no key. Pod scope: pod uid, then
 /// `""`; service-account scope: namespace, then ServiceAccount. Kept equal to the cache's
 /// slots: filled when a slot is made, emptied when the cache drops one.
-type Index = std::collections::HashMap<String, std::collections::HashMap<String, Vec<Arc<Slot>>>>;
+type Index = FastMap<String, FastMap<String, Vec<Arc<Slot>>>>;
+/// Read by every request: foldhash (seeded per process) instead of SipHash.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 fn index_key(scope: SessionScope, pod: &PodInfo) -> (&str, &str) {
     match scope {
@@ -209,7 +211,7 @@ impl CredentialCache {
         settings: CacheSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let index = Arc::new(ArcSwap::from_pointee(Index::new()));
+        let index = Arc::new(ArcSwap::from_pointee(Index::default()));
         let dropped = index.clone();
         let slots = moka::future::Cache::builder()
             .max_capacity(100_000)

@@ -77,7 +77,9 @@ impl RoleSpec {
 }
 
 /// Roles read from the API, by namespace then ServiceAccount, with when they were read.
-type Recent = HashMap<String, HashMap<String, (Option<Arc<RoleSpec>>, Instant)>>;
+/// Read by every request: foldhash (seeded per process) instead of SipHash.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Recent = FastMap<String, FastMap<String, (Option<Arc<RoleSpec>>, Instant)>>;
 
 pub struct RoleResolver {
     accounts: Arc<dyn ServiceAccounts>,
@@ -120,7 +122,7 @@ impl RoleResolver {
             default_audience,
             ttl,
             cache,
-            recent: ArcSwap::from_pointee(Recent::new()),
+            recent: ArcSwap::from_pointee(Recent::default()),
             kube2iam: None,
             default_role: None,
             pod_grants: moka::sync::Cache::builder()

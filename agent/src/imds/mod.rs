@@ -123,7 +123,10 @@ pub fn route<'a>(
     let Some(rest) = path.strip_prefix('/') else {
         return Err(Reply::status(StatusCode::BAD_REQUEST));
     };
-    let (version, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let (version, rest) = match rest.bytes().position(|b| b == b'/') {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, ""),
+    };
     if !version.bytes().all(is_path_byte) {
         return Err(Reply::not_found());
     }
@@ -135,7 +138,7 @@ pub fn route<'a>(
         Some(name) => is_role_name(name),
         None => rest.bytes().all(is_path_byte),
     };
-    if !checked || rest.contains("//") || rest.split('/').any(|s| s == ".." || s == ".") {
+    if !checked || has_bad_segment(rest) {
         return Err(Reply::not_found());
     }
     let latest = version == "latest";
@@ -229,6 +232,23 @@ pub fn is_path_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-')
 }
 
+/// True when `rest` has an empty segment between two slashes, or a `.` or `..` segment. One pass
+/// over the bytes (this runs for every request).
+fn has_bad_segment(rest: &str) -> bool {
+    let dots = |seg: &[u8]| seg == b"." || seg == b"..";
+    let b = rest.as_bytes();
+    let mut start = 0;
+    for (i, c) in b.iter().enumerate() {
+        if *c == b'/' {
+            if i > 0 && b[i - 1] == b'/' || dots(&b[start..i]) {
+                return true;
+            }
+            start = i + 1;
+        }
+    }
+    dots(&b[start..])
+}
+
 /// IAM role names: `[\w+=,.@-]{1,64}`.
 fn is_role_name(name: &str) -> bool {
     !name.is_empty()
@@ -288,9 +308,11 @@ fn allow_match(pattern: &str, path: &str) -> Option<String> {
     Some(out)
 }
 
-/// The session token a GET carries, if any.
+/// The session token a GET carries, if any. Looked up by a ready header name: no parsing of
+/// `TOKEN_HEADER` per request.
 pub(crate) fn session_token(headers: &HeaderMap) -> Option<&[u8]> {
-    headers.get(TOKEN_HEADER).map(|v| v.as_bytes())
+    const NAME: http::HeaderName = http::HeaderName::from_static(TOKEN_HEADER);
+    headers.get(&NAME).map(|v| v.as_bytes())
 }
 
 fn is_dated_version(v: &str) -> bool {

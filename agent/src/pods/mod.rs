@@ -401,7 +401,8 @@ fn unix_now() -> u64 {
 #[derive(Default)]
 struct Snapshot {
     generation: u64,
-    by_ip: HashMap<IpAddr, Lookup>,
+    /// Hashed with foldhash (seeded per process): read by every request.
+    by_ip: HashMap<IpAddr, Lookup, foldhash::fast::RandomState>,
 }
 
 /// The node's pods by IP. Cheap to share (`Arc`). Changes take a short lock; requests read an

@@ -863,7 +863,7 @@ async fn orchestrate(opts: Opts) -> anyhow::Result<()> {
         _upstream: upstream,
         dir,
         exe: std::env::current_exe()?,
-        agent_exe: match opts.agent_exe {
+        agent_exe: match opts.agent_exe.clone() {
             Some(p) => p,
             None => std::env::current_exe()?,
         },
