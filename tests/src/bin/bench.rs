@@ -65,14 +65,12 @@ fn main() -> anyhow::Result<()> {
             let file = args.get(1).ok_or_else(|| anyhow!("ceiling <file>"))?;
             tokio::runtime::Runtime::new()?.block_on(ceiling_main(Path::new(file)))
         }
+        Some("-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
         _ => {
-            let opts = Opts {
-                quick: args.iter().any(|a| a == "--quick"),
-                callgrind: !args.iter().any(|a| a == "--no-callgrind"),
-                callgrind_only: args.iter().any(|a| a == "--callgrind-only"),
-                agent_exe: flag_value(&args, "--agent-exe"),
-                callgrind_out: flag_value(&args, "--callgrind-out"),
-            };
+            let opts = parse_opts(&args)?;
             // One load generator thread for both servers (the emulators share it; they are idle
             // while the hot path is measured).
             tokio::runtime::Builder::new_current_thread()
@@ -91,11 +89,35 @@ struct Opts {
     callgrind_out: Option<PathBuf>,
 }
 
-fn flag_value(args: &[String], flag: &str) -> Option<PathBuf> {
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
+const USAGE: &str = "usage: bench [--quick] [--no-callgrind] [--callgrind-only] \
+[--agent-exe PATH] [--callgrind-out DIR]";
+
+/// Every argument is known or the run does not start (a typo must not measure the wrong thing).
+fn parse_opts(args: &[String]) -> anyhow::Result<Opts> {
+    let mut opts = Opts {
+        quick: false,
+        callgrind: true,
+        callgrind_only: false,
+        agent_exe: None,
+        callgrind_out: None,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .map(PathBuf::from)
+                .ok_or_else(|| anyhow!("{arg} needs a value; {USAGE}"))
+        };
+        match arg.as_str() {
+            "--quick" => opts.quick = true,
+            "--no-callgrind" => opts.callgrind = false,
+            "--callgrind-only" => opts.callgrind_only = true,
+            "--agent-exe" => opts.agent_exe = Some(value()?),
+            "--callgrind-out" => opts.callgrind_out = Some(value()?),
+            other => return Err(anyhow!("unknown argument {other:?}; {USAGE}")),
+        }
+    }
+    Ok(opts)
 }
 
 // ---------------------------------------------------------------------------------------------
