@@ -16,6 +16,23 @@ const ANN: &str = "eks.amazonaws.com/role-arn";
 const CREDS: &str = "/latest/meta-data/iam/security-credentials/";
 
 /// GetCallerIdentity signed with the served credentials: the caller's ARN, or the error code.
+/// Waits until `src` is offered exactly `role`, fetches its credentials and returns the ARN moto
+/// (IAM auth on) sees for them.
+async fn served_as(agent: &Agent, moto: &Moto, src: &str, role: &str) -> String {
+    wait_for(Duration::from_secs(15), || async {
+        matches!(agent.get(src, CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == role)
+    })
+    .await
+    .unwrap();
+    let creds = agent
+        .get(src, &format!("{CREDS}{role}"))
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    caller_arn(moto, &creds).await.unwrap()
+}
+
 async fn caller_arn(moto: &Moto, v: &serde_json::Value) -> Result<String, String> {
     let creds = aws_credential_types::Credentials::new(
         v["AccessKeyId"].as_str().unwrap(),
@@ -241,19 +258,8 @@ async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namesp
     kube.create_pod(annotated(both, K2I, "reader"));
 
     // A bare name under the base ARN, assumed with app-0's own ServiceAccount token.
-    wait_for(Duration::from_secs(15), || async {
-        matches!(agent.get("127.0.0.51", CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == "reader")
-    })
-    .await
-    .unwrap();
-    let creds = agent
-        .get("127.0.0.51", &format!("{CREDS}reader"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
     assert_eq!(
-        caller_arn(&moto, &creds).await.unwrap(),
+        served_as(&agent, &moto, "127.0.0.51", "reader").await,
         "arn:aws:sts::123456789012:assumed-role/reader/legacy.app-0"
     );
     assert!(
@@ -268,19 +274,8 @@ async fn kube2iam_annotation_gets_its_role_with_the_pods_own_token_within_namesp
     );
 
     // The ServiceAccount's role wins over the pod's annotation.
-    wait_for(Duration::from_secs(15), || async {
-        matches!(agent.get("127.0.0.53", CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == "irsa-role")
-    })
-    .await
-    .unwrap();
-    let creds = agent
-        .get("127.0.0.53", &format!("{CREDS}irsa-role"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
     assert_eq!(
-        caller_arn(&moto, &creds).await.unwrap(),
+        served_as(&agent, &moto, "127.0.0.53", "irsa-role").await,
         "arn:aws:sts::123456789012:assumed-role/irsa-role/legacy.both-2"
     );
     let r = agent
@@ -353,19 +348,8 @@ async fn a_roleless_pod_gets_the_default_role_only_when_one_is_set() {
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(15), || async {
-        matches!(agent.get("127.0.0.61", CREDS).await, Ok(r) if r.status == StatusCode::OK && r.text() == "node-addons")
-    })
-    .await
-    .unwrap();
-    let creds = agent
-        .get("127.0.0.61", &format!("{CREDS}node-addons"))
-        .await
-        .unwrap()
-        .json()
-        .unwrap();
     assert_eq!(
-        caller_arn(&moto, &creds).await.unwrap(),
+        served_as(&agent, &moto, "127.0.0.61", "node-addons").await,
         "arn:aws:sts::123456789012:assumed-role/node-addons/addons.dns-0"
     );
     assert!(
