@@ -74,6 +74,36 @@ impl Moto {
         matches!(tokio::time::timeout(Duration::from_secs(5), cmd.status()).await, Ok(Ok(s)) if s.success())
     }
 
+    /// The ARN moto reports for GetCallerIdentity signed with served credentials (`AccessKeyId`,
+    /// `SecretAccessKey`, `Token` of an IMDS answer), or the error code it refuses them with.
+    pub async fn caller_arn(&self, v: &serde_json::Value) -> Result<String, String> {
+        let field = |k: &str| v[k].as_str().ok_or(format!("no {k} in the answer"));
+        let creds = aws_credential_types::Credentials::new(
+            field("AccessKeyId")?,
+            field("SecretAccessKey")?,
+            v["Token"].as_str().map(String::from),
+            None,
+            "irsa-imds-test",
+        );
+        let conf = aws_sdk_sts::Config::builder()
+            .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
+            .region(aws_sdk_sts::config::Region::new("us-east-1"))
+            .endpoint_url(self.endpoint())
+            .credentials_provider(creds)
+            .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
+            .build();
+        aws_sdk_sts::Client::from_conf(conf)
+            .get_caller_identity()
+            .send()
+            .await
+            .map(|out| out.arn.unwrap_or_default())
+            .map_err(|e| {
+                aws_sdk_sts::error::ProvideErrorMetadata::code(&e)
+                    .unwrap_or("no error code")
+                    .to_string()
+            })
+    }
+
     pub fn endpoint(&self) -> String {
         self.endpoint.clone()
     }

@@ -30,34 +30,7 @@ async fn served_as(agent: &Agent, moto: &Moto, src: &str, role: &str) -> String 
         .unwrap()
         .json()
         .unwrap();
-    caller_arn(moto, &creds).await.unwrap()
-}
-
-async fn caller_arn(moto: &Moto, v: &serde_json::Value) -> Result<String, String> {
-    let creds = aws_credential_types::Credentials::new(
-        v["AccessKeyId"].as_str().unwrap(),
-        v["SecretAccessKey"].as_str().unwrap(),
-        v["Token"].as_str().map(String::from),
-        None,
-        "irsa-imds-test",
-    );
-    let conf = aws_sdk_sts::Config::builder()
-        .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
-        .region(aws_sdk_sts::config::Region::new("us-east-1"))
-        .endpoint_url(moto.endpoint())
-        .credentials_provider(creds)
-        .retry_config(aws_sdk_sts::config::retry::RetryConfig::disabled())
-        .build();
-    aws_sdk_sts::Client::from_conf(conf)
-        .get_caller_identity()
-        .send()
-        .await
-        .map(|out| out.arn.unwrap())
-        .map_err(|e| {
-            aws_sdk_sts::error::ProvideErrorMetadata::code(&e)
-                .unwrap_or("no error code")
-                .to_string()
-        })
+    moto.caller_arn(&creds).await.unwrap()
 }
 
 #[tokio::test]
@@ -117,16 +90,16 @@ async fn served_credentials_are_the_ones_sts_issued_for_each_pods_role() {
         let mut forged = cart.clone();
         forged[field] = garbage.into();
         assert!(
-            caller_arn(&moto, &forged).await.is_err(),
+            moto.caller_arn(&forged).await.is_err(),
             "{what} must be refused"
         );
     }
     assert_eq!(
-        caller_arn(&moto, &cart).await.unwrap(),
+        moto.caller_arn(&cart).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/cart-role/shop.cart-5d8f"
     );
     assert_eq!(
-        caller_arn(&moto, &pay).await.unwrap(),
+        moto.caller_arn(&pay).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/pay-role/shop.pay-0"
     );
     assert_eq!(

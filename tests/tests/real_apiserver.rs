@@ -212,29 +212,6 @@ impl AgentProc {
     }
 }
 
-async fn caller_arn(moto: &Moto, v: &Value) -> String {
-    let creds = aws_credential_types::Credentials::new(
-        v["AccessKeyId"].as_str().unwrap(),
-        v["SecretAccessKey"].as_str().unwrap(),
-        v["Token"].as_str().map(String::from),
-        None,
-        "irsa-imds-test",
-    );
-    let conf = aws_sdk_sts::Config::builder()
-        .behavior_version(aws_sdk_sts::config::BehaviorVersion::latest())
-        .region(aws_sdk_sts::config::Region::new("us-east-1"))
-        .endpoint_url(moto.endpoint())
-        .credentials_provider(creds)
-        .build();
-    aws_sdk_sts::Client::from_conf(conf)
-        .get_caller_identity()
-        .send()
-        .await
-        .unwrap()
-        .arn
-        .unwrap()
-}
-
 /// Audit events of requests `user` made.
 fn audit_of(cp: &ControlPlane, user: &str) -> Vec<Value> {
     cp.audit_events()
@@ -410,7 +387,7 @@ async fn agent_under_shipped_rbac_serves_each_pods_own_role() {
     agent.wait_role("127.0.61.1", "cart-role").await;
     let creds = agent.creds("127.0.61.1", "cart-role").await;
     assert_eq!(
-        caller_arn(&moto, &creds).await,
+        moto.caller_arn(&creds).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/cart-role/rbac-full.cart-0"
     );
     assert_eq!(
@@ -944,7 +921,7 @@ async fn chart_rbac_and_token_policy_work_on_the_real_apiserver() {
     agent.wait_role("127.0.66.1", "chart-app").await;
     let creds = agent.creds("127.0.66.1", "chart-app").await;
     assert_eq!(
-        caller_arn(&moto, &creds).await,
+        moto.caller_arn(&creds).await.unwrap(),
         "arn:aws:sts::123456789012:assumed-role/chart-app/chart.app-0"
     );
 
@@ -1051,7 +1028,7 @@ async fn kube2iam_namespace_restrictions_work_under_the_charts_rbac_for_them() {
             agent.wait_role(&reader_ip, "reader").await;
             let creds = agent.creds(&reader_ip, "reader").await;
             assert_eq!(
-                caller_arn(&moto, &creds).await,
+                moto.caller_arn(&creds).await.unwrap(),
                 "arn:aws:sts::123456789012:assumed-role/reader/k2i.reader-0"
             );
             wait_for(Duration::from_secs(20), || async {
