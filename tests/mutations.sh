@@ -15,11 +15,41 @@ ROOT=$PWD
 SEED_TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 export IRSA_TESTBED_DEPS=${IRSA_TESTBED_DEPS:-$ROOT/tests/.deps}
 
+# NAME|description|apply function|suite;suite...  (a suite is "test-binary [name filter]")
+MUTATIONS=(
+  "sts-constant-token|STS receives a constant string instead of the pod's token|m_sts_token|agent_imds;cni_registration ip_reuse"
+  "garbage-secret|served SecretAccessKey and Token are garbage (key id kept)|m_garbage|agent_moto;agent_imds;cni_registration ip_reuse"
+  "del-revoke|CNI DEL no longer revokes the IP|m_del_revoke|cni_registration ip_reuse"
+  "max-attempts|no STS retries (MAX_ATTEMPTS = 1)|m_max_attempts|agent_imds retried"
+  "single-flight|no single flight (concurrent misses each fetch)|m_single_flight|agent_imds concurrent_first_requests"
+)
+
+SELECTED=()
+for m in "${MUTATIONS[@]}"; do
+  name=${m%%|*}
+  if [ $# -eq 0 ]; then
+    SELECTED+=("$m")
+  else
+    for o in "$@"; do [ "$o" = "$name" ] && SELECTED+=("$m"); done
+  fi
+done
+for o in "$@"; do
+  if ! printf '%s\n' "${MUTATIONS[@]}" | grep -q "^$o|"; then
+    echo "unknown mutation: $o (known: $(printf '%s\n' "${MUTATIONS[@]}" | cut -d'|' -f1 | tr '\n' ' '))" >&2
+    exit 2
+  fi
+done
+
+
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/irsa-mutations.XXXXXX")
 cleanup() { rm -rf "$SCRATCH"; }
 trap cleanup EXIT
 SRC=$SCRATCH/src
 mkdir -p "$SRC"
+# Each suite's output: MUTATIONS_LOGS=DIR keeps them after the run.
+LOGS=${MUTATIONS_LOGS:-$SCRATCH/logs}
+mkdir -p "$LOGS"
+CURRENT=baseline
 # The working tree as it is (uncommitted changes included), without build output or test deps.
 tar -C "$ROOT" --exclude=./target --exclude=./tests/.deps --exclude=./.git -cf - . | tar -C "$SRC" -xf -
 if [ -d "$SEED_TARGET/debug" ]; then
@@ -44,40 +74,41 @@ PY
 
 # run SUITE [FILTER]: runs one test binary of the test bed; fails if no test ran.
 run() {
-  local log=$SCRATCH/run.log
+  local log t0=$SECONDS
+  log=$LOGS/$CURRENT-$1${2:+-$2}.log
   set +e
   (cd "$SRC" && cargo test -q --workspace --locked --test "$1" -- ${2:+"$2"} --test-threads=4) >"$log" 2>&1
   local rc=$?
   set -e
+  local took="$((SECONDS - t0)) s"
   if grep -qE "^test result: ok\. 0 passed" "$log" && ! grep -qE "^test result: ok\. [1-9]" "$log"; then
-    echo "    $1 ${2:-}: NO TEST MATCHED (filter moved?)"
+    echo "    $1 ${2:-}: NO TEST MATCHED (filter moved?) ($took)"
     return 2
   fi
   if [ $rc -eq 0 ]; then
-    echo "    $1 ${2:-}: passed"
+    echo "    $1 ${2:-}: passed ($took)"
     return 0
   fi
   if grep -qE "^error(\[E[0-9]+\])?:" "$log" && ! grep -q "^test result" "$log"; then
-    echo "    $1 ${2:-}: DID NOT BUILD"
+    echo "    $1 ${2:-}: DID NOT BUILD ($took)"
     tail -20 "$log" | sed 's/^/      /'
     return 2
   fi
-  echo "    $1 ${2:-}: FAILED ($(grep -cE '^test .* FAILED$' "$log") failing tests: $(grep -E '^test .* FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | tr '\n' ' '))"
+  # Each failed test prints a "---- NAME stdout ----" block (also under cargo test -q).
+  echo "    $1 ${2:-}: FAILED ($(grep -cE '^---- .* stdout ----$' "$log") failing tests: $(grep -E '^---- .* stdout ----$' "$log" | sed -E 's/^---- (.*) stdout ----$/\1/' | tr '\n' ' ')) ($took)"
   return 1
 }
 
 declare -A RESULT
-# mutation NAME "description" then apply commands, then "suites" lines via check.
+# mutate NAME "description" APPLY SUITE...: a fresh copy of agent/, APPLY, then each SUITE ("binary
+# [filter]") must fail; caught only if every one of them does.
 mutate() {
-  local name=$1 desc=$2 apply=$3
+  local name=$1 desc=$2 apply=$3 t0=$SECONDS
   shift 3
-  if [ ${#ONLY[@]} -gt 0 ]; then
-    local w=0 o
-    for o in "${ONLY[@]}"; do [ "$o" = "$name" ] && w=1; done
-    [ $w -eq 1 ] || return 0
-  fi
+  CURRENT=$name
   echo "== $name: $desc"
-  # A fresh source tree for each mutation.
+  # A fresh source tree for each mutation. The restored files keep their old times, which cargo
+  # would take for "unchanged": every mutation edits the agent crate, so it is rebuilt anyway.
   rm -rf "$SRC/agent" && tar -C "$ROOT" -cf - agent | tar -C "$SRC" -xf -
   if ! $apply; then
     RESULT[$name]="PATTERN NOT FOUND"
@@ -93,14 +124,15 @@ mutate() {
       2) errors=$((errors + 1)) ;;
     esac
   done
+  local took="$((SECONDS - t0)) s"
   if [ $errors -gt 0 ]; then
-    RESULT[$name]="ERROR"
+    RESULT[$name]="ERROR ($took)"
   elif [ $caught -eq $# ]; then
-    RESULT[$name]="caught by all $# suites"
+    RESULT[$name]="caught by all $# suites ($took)"
   elif [ $caught -gt 0 ]; then
-    RESULT[$name]="caught by $caught of $# suites"
+    RESULT[$name]="caught by only $caught of $# suites ($took)"
   else
-    RESULT[$name]="SURVIVED"
+    RESULT[$name]="SURVIVED ($took)"
   fi
 }
 
@@ -128,37 +160,33 @@ m_single_flight() {
     'let _guard = ();'
 }
 
-ONLY=("$@")
-# Control: unmutated, every suite below passes (else a "caught" would mean nothing).
-baseline() {
-  echo "== baseline: no mutation"
-  rm -rf "$SRC/agent" && tar -C "$ROOT" -cf - agent | tar -C "$SRC" -xf -
-  local bad=0
-  for suite in "agent_imds" "agent_moto" "cni_registration ip_reuse"; do
-    # shellcheck disable=SC2086
-    run $suite || bad=1
-  done
-  if [ $bad -ne 0 ]; then
-    echo "baseline failed: fix the suites before judging mutations"
-    exit 1
-  fi
-}
-baseline
-mutate sts-constant-token "STS receives a constant string instead of the pod's token" m_sts_token \
-  "agent_imds" "cni_registration ip_reuse"
-mutate garbage-secret "served SecretAccessKey and Token are garbage (key id kept)" m_garbage \
-  "agent_moto" "agent_imds" "cni_registration ip_reuse"
-mutate del-revoke "CNI DEL no longer revokes the IP" m_del_revoke \
-  "cni_registration ip_reuse"
-mutate max-attempts "no STS retries (MAX_ATTEMPTS = 1)" m_max_attempts \
-  "agent_imds retried"
-mutate single-flight "no single flight (concurrent misses each fetch)" m_single_flight \
-  "agent_imds concurrent_first_requests"
+# Control: unmutated, every suite the selected mutations name passes (else a "caught" would mean
+# nothing). The first run also builds the scratch copy.
+echo "== baseline: no mutation"
+t0=$SECONDS
+rm -rf "$SRC/agent" && tar -C "$ROOT" -cf - agent | tar -C "$SRC" -xf -
+bad=0
+while IFS= read -r suite; do
+  # shellcheck disable=SC2086
+  run $suite || bad=1
+done < <(printf '%s\n' "${SELECTED[@]}" | cut -d'|' -f4 | tr ';' '\n' | sort -u)
+if [ $bad -ne 0 ]; then
+  echo "baseline failed: fix the suites before judging mutations"
+  exit 1
+fi
+echo "   baseline took $((SECONDS - t0)) s"
+
+for m in "${SELECTED[@]}"; do
+  IFS='|' read -r name desc apply suites <<<"$m"
+  IFS=';' read -r -a suite_list <<<"$suites"
+  mutate "$name" "$desc" "$apply" "${suite_list[@]}"
+done
 
 echo
 echo "== summary"
 status=0
-for name in "${!RESULT[@]}"; do
+for m in "${SELECTED[@]}"; do
+  name=${m%%|*}
   printf '  %-20s %s\n' "$name" "${RESULT[$name]}"
   case ${RESULT[$name]} in
     "caught by all"*) ;;
