@@ -830,3 +830,28 @@ async fn a_strangers_token_request_is_403_with_its_reason() {
     let d = b.protocol.decide(head, POD_A.parse().unwrap(), seams).await;
     assert_eq!(d.refused, None);
 }
+
+#[test]
+fn each_refusal_is_logged_in_its_own_words() {
+    // The log line's message is the reason in words: one per refusal, none empty, so an operator
+    // reading `refused: ...` can tell a stranger from a pod asking for another role.
+    let mut seen = std::collections::HashSet::new();
+    for why in Refusal::ALL {
+        let words = why.describe();
+        assert!(words.len() > 10, "{why:?}: {words:?}");
+        assert!(seen.insert(words), "{why:?} shares its words: {words:?}");
+    }
+    assert_eq!(
+        Refusal::UnknownSource.describe(),
+        "caller not identified: no pod of this node has the source address"
+    );
+}
+
+#[test]
+fn the_protocols_debug_shows_the_policy_and_never_the_token_key() {
+    let b = bed_with(true);
+    let shown = format!("{:?}", b.protocol);
+    assert!(shown.starts_with("Protocol {"), "{shown}");
+    assert!(shown.contains("v2_required: true"), "{shown}");
+    assert!(shown.contains("key: <redacted>"), "{shown}");
+}

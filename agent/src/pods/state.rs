@@ -365,4 +365,95 @@ mod tests {
         assert!(store.load().unwrap().is_none(), "nothing left to load");
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    #[test]
+    fn a_file_that_cannot_be_opened_is_an_error_not_a_fresh_start() {
+        // Only a missing file means "nothing saved"; any other failure to open it would, taken as
+        // a fresh start, forget the DELs it holds.
+        let dir = temp("unopenable");
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_a_dir = dir.join("file");
+        std::fs::write(&not_a_dir, b"").unwrap();
+        let store = StateStore::new(not_a_dir.join("state.json"));
+        let err = store.load().unwrap_err();
+        assert!(matches!(err, StateError::Io { .. }), "{err}");
+        assert!(err.to_string().contains("file/state.json"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_file_at_the_size_limit_is_read_and_one_byte_more_is_refused() {
+        let dir = temp("size");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("state.json");
+        let store = StateStore::new(&file);
+        // A valid snapshot padded with trailing whitespace (still valid JSON) to the exact size.
+        let padded = |len: u64| {
+            let mut b = br#"{"v":1,"registrations":[],"revocations":[]}"#.to_vec();
+            b.resize(usize::try_from(len).unwrap(), b' ');
+            b
+        };
+        std::fs::write(&file, padded(MAX_STATE_BYTES)).unwrap();
+        let snap = store
+            .load()
+            .unwrap()
+            .expect("a file of exactly the limit loads");
+        assert_eq!(snap.v, STATE_VERSION);
+        std::fs::write(&file, padded(MAX_STATE_BYTES + 1)).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains("larger than 16777216 bytes"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn entry_counts_up_to_the_limit_are_read_and_one_more_is_refused() {
+        let registration = SavedRegistration {
+            container_id: "c1".into(),
+            namespace: "ns".into(),
+            name: "web-0".into(),
+            ips: vec![ip("10.0.0.1")],
+            uid: None,
+        };
+        let revocation = SavedRevocation {
+            ip: ip("10.0.0.1"),
+            namespace: "ns".into(),
+            name: "web-0".into(),
+            uid: None,
+            since: 1,
+        };
+        let parse = |registrations: usize, revocations: usize| {
+            let snap = Snapshot {
+                v: STATE_VERSION,
+                registrations: vec![registration.clone(); registrations],
+                revocations: vec![revocation.clone(); revocations],
+            };
+            Snapshot::parse(&serde_json::to_vec(&snap).unwrap())
+        };
+        // Each list is bounded on its own.
+        for (registrations, revocations) in [(MAX_ENTRIES, 0), (0, MAX_ENTRIES)] {
+            let snap = parse(registrations, revocations).unwrap();
+            assert_eq!(
+                (snap.registrations.len(), snap.revocations.len()),
+                (registrations, revocations)
+            );
+        }
+        for (registrations, revocations) in [(MAX_ENTRIES + 1, 0), (0, MAX_ENTRIES + 1)] {
+            let err = parse(registrations, revocations).unwrap_err();
+            assert!(err.contains("more than 65536 entries"), "{err}");
+        }
+    }
+
+    #[test]
+    fn uids_are_checked_at_their_bounds() {
+        assert_eq!(check_uid(None), Ok(()));
+        assert_eq!(
+            check_uid(Some("3f2c0e4a-9b1d-4c7e-8a55-0d6b2f9e1c37")),
+            Ok(())
+        );
+        assert_eq!(check_uid(Some(&"a".repeat(128))), Ok(()));
+        for bad in [String::new(), "a".repeat(129), "a_b".into(), "a b".into()] {
+            let err = check_uid(Some(&bad)).unwrap_err();
+            assert!(err.contains("is not a pod uid"), "{bad:?}: {err}");
+        }
+    }
 }
