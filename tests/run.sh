@@ -28,6 +28,10 @@ cargo build --workspace --all-targets --locked
 echo "== static CNI plugin (what ships to nodes; tests/build-static-cni.sh)"
 bash tests/build-static-cni.sh
 
+echo "== fuzz smoke (tests/fuzz-smoke.sh: each fuzz target built into the cache, run briefly from its seeds)"
+# Before the wait: on a new machine its build overlaps the setup's downloads and Go builds.
+bash tests/fuzz-smoke.sh
+
 echo "== dependencies (waiting for tests/setup.sh)"
 setup_rc=0
 wait "$setup_pid" || setup_rc=$?

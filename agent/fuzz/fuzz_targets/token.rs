@@ -1,5 +1,5 @@
 //! IMDSv2 session token verification: arbitrary bytes never verify and never panic; a token
-//! issued here verifies only for its own pod.
+//! issued here verifies only for its own pod, and no single-byte change of it verifies.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -18,13 +18,16 @@ fuzz_target!(|data: &[u8]| {
     let a = authority();
     assert!(a.verify(data, "pod-uid", now).is_err());
     if let Ok(t) = a.issue("pod-uid", 60, now) {
+        assert!(a.verify(t.as_bytes(), "pod-uid", now).is_ok());
+        assert!(a.verify(t.as_bytes(), "other-pod-uid", now).is_err());
         let mut forged = t.into_bytes();
         if !data.is_empty() && !forged.is_empty() {
             let i = data[0] as usize % forged.len();
             let before = forged[i];
             forged[i] ^= data.get(1).copied().unwrap_or(1).max(1);
             if forged[i] != before {
-                let _ = a.verify(&forged, "pod-uid", now);
+                // Canonical base64 and a MAC over the whole body: no other string verifies.
+                assert!(a.verify(&forged, "pod-uid", now).is_err());
             }
         }
     }
