@@ -14,7 +14,8 @@
 #
 # The build output is kept outside the repository, in
 # ${IRSA_FUZZ_TARGET_DIR:-${IRSA_TESTBED_CACHE:-/var/cache/irsa-imds-testbed}/fuzz-target}, so
-# a new checkout rebuilds only the project's own crates, not the dependency tree.
+# a new checkout rebuilds only the project's own crates, not the dependency tree, and an unchanged
+# one nothing.
 # The fuzz crates are their own workspaces with their own lockfiles, built --locked. When the
 # product's dependencies change, refresh them from the workspace's lock:
 #   for d in agent/fuzz cni-hook/fuzz; do cp Cargo.lock $d/Cargo.lock
@@ -45,6 +46,14 @@ flags="$flags -Cllvm-args=-sanitizer-coverage-inline-8bit-counters"
 flags="$flags -Cllvm-args=-sanitizer-coverage-pc-table"
 flags="$flags -Cllvm-args=-sanitizer-coverage-trace-compares"
 
+# The project's own crates are built once per checkout path (about 55 MB each: cargo hashes the
+# path of a path dependency outside the fuzz workspace), so the cache grows with every new
+# checkout location; past the cap it is dropped and rebuilt once.
+max_mb="${IRSA_FUZZ_CACHE_MAX_MB:-4096}"
+if [ -d "$target_dir" ] && [ "$(du -sm "$target_dir" | cut -f1)" -gt "$max_mb" ]; then
+  say "$target_dir is over $max_mb MB: removing it (one cold build follows)"
+  rm -rf "$target_dir"
+fi
 mkdir -p "$target_dir"
 t0=$SECONDS
 for dir in agent/fuzz cni-hook/fuzz; do
