@@ -37,7 +37,10 @@ fuzz_target!(|data: &[u8]| {
                 &pod.name,
                 &pod.ips,
             );
-            assert!(req.validate().is_ok(), "a parsed ADD is one the agent accepts");
+            assert!(
+                req.validate().is_ok(),
+                "a parsed ADD is one the agent accepts"
+            );
         }
         Ok(_) => {}
         Err(e) => {
