@@ -46,6 +46,11 @@ flags="$flags -Cllvm-args=-sanitizer-coverage-inline-8bit-counters"
 flags="$flags -Cllvm-args=-sanitizer-coverage-pc-table"
 flags="$flags -Cllvm-args=-sanitizer-coverage-trace-compares"
 
+# Runs from two checkouts go one after the other: a target's binary has one name per target dir.
+mkdir -p "$(dirname "$target_dir")"
+exec 9>"$target_dir.lock"
+flock 9
+
 # The project's own crates are built once per checkout path (about 55 MB each: cargo hashes the
 # path of a path dependency outside the fuzz workspace), so the cache grows with every new
 # checkout location; past the cap it is dropped and rebuilt once.
