@@ -18,6 +18,8 @@ trap 'if [ -n "$setup_pid" ]; then kill -- -"$setup_pid" 2>/dev/null || true; fi
 
 echo "== format"
 cargo fmt --all -- --check
+# The fuzz targets are their own workspaces, outside `--all`.
+rustfmt --check --edition 2024 agent/fuzz/fuzz_targets/*.rs cni-hook/fuzz/fuzz_targets/*.rs
 
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
