@@ -72,7 +72,11 @@ pub enum RoleGrant {
 impl RoleSpec {
     /// The last segment of the ARN: what `security-credentials/` lists.
     pub(crate) fn role_name(&self) -> &str {
-        self.role_arn.rsplit('/').next().unwrap_or(&self.role_arn)
+        // A byte search from the end: this runs for every credentials request.
+        match self.role_arn.bytes().rposition(|b| b == b'/') {
+            Some(i) => &self.role_arn[i + 1..],
+            None => &self.role_arn,
+        }
     }
 }
 

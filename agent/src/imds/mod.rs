@@ -134,11 +134,12 @@ pub fn route<'a>(
         .strip_prefix(CREDENTIALS_PREFIX)
         .filter(|n| !n.is_empty());
     let checked = match role_name {
-        // The role name is checked as a single segment with IAM's character set.
+        // The role name is checked as a single segment with IAM's character set: no `/`, not
+        // `.` or `..`, so after the fixed prefix there is no bad segment to look for.
         Some(name) => is_role_name(name),
-        None => rest.bytes().all(is_path_byte),
+        None => rest.bytes().all(is_path_byte) && !has_bad_segment(rest),
     };
-    if !checked || has_bad_segment(rest) {
+    if !checked {
         return Err(Reply::not_found());
     }
     let latest = version == "latest";
@@ -312,6 +313,14 @@ fn allow_match(pattern: &str, path: &str) -> Option<String> {
 /// `TOKEN_HEADER` per request.
 pub(crate) fn session_token(headers: &HeaderMap) -> Option<&[u8]> {
     const NAME: http::HeaderName = http::HeaderName::from_static(TOKEN_HEADER);
+    // A metadata request carries a handful of headers: comparing names costs less than hashing
+    // one. The first value, as `get` returns it.
+    if headers.keys_len() <= 8 {
+        return headers
+            .iter()
+            .find(|(k, _)| **k == NAME)
+            .map(|(_, v)| v.as_bytes());
+    }
     headers.get(&NAME).map(|v| v.as_bytes())
 }
 

@@ -29,6 +29,10 @@ pub trait Callers: Send + Sync {
         None
     }
     fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup>;
+    /// Hears the lookup a decision was made on, once per decided request (a metric). Neither
+    /// `identify` answers it: a decision tried without waiting and then made by waiting must
+    /// count its lookup once.
+    fn count_lookup(&self, _result: &'static str) {}
 }
 
 /// Which role a pod is granted (its ServiceAccount's, else in kube2iam mode its annotation's,
@@ -214,28 +218,67 @@ impl Protocol {
     /// once known) in its own fields; the span carrying them too exists at `debug` only, so a
     /// request costs no span at the production level (a span per request cost more than the
     /// rest of a cached GET).
-    #[tracing::instrument(
-        name = "imds",
-        level = "debug",
-        skip_all,
-        fields(source_ip = %ip, route = Empty, pod = Empty, namespace = Empty, service_account = Empty)
-    )]
     pub(crate) async fn decide(
         &self,
         head: RequestHead<'_>,
         ip: IpAddr,
         seams: Seams<'_>,
     ) -> Decision {
+        match self.decide_in(head, ip, seams, Wait::Yes).await {
+            Some(d) => d,
+            // `Wait::Yes` always decides.
+            None => Decision {
+                route: "rejected",
+                answer: Answer::Reply(Reply::status(StatusCode::INTERNAL_SERVER_ERROR)),
+                refused: None,
+            },
+        }
+    }
+
+    /// The decision when every seam it needs has its answer at hand (a cached GET), made
+    /// without a future or a wait; `None` when one would have to wait, and then nothing was
+    /// counted or logged, so [`decide`](Self::decide) makes it in full. The same rules as
+    /// `decide`: both run the one `serve`.
+    pub(crate) fn decide_now(
+        &self,
+        head: RequestHead<'_>,
+        ip: IpAddr,
+        seams: Seams<'_>,
+    ) -> Option<Decision> {
+        use futures::FutureExt;
+        // Without waiting, `decide_in` never awaits anything pending: its first poll decides.
+        self.decide_in(head, ip, seams, Wait::No)
+            .now_or_never()
+            .flatten()
+    }
+
+    #[tracing::instrument(
+        name = "imds",
+        level = "debug",
+        skip_all,
+        fields(source_ip = %ip, route = Empty, pod = Empty, namespace = Empty, service_account = Empty)
+    )]
+    async fn decide_in(
+        &self,
+        head: RequestHead<'_>,
+        ip: IpAddr,
+        seams: Seams<'_>,
+        wait: Wait,
+    ) -> Option<Decision> {
         match route(head.method, head.path, head.headers, &self.policy) {
-            Err(reply) => Decision {
+            Err(reply) => Some(Decision {
                 route: "rejected",
                 answer: Answer::Reply(reply),
                 refused: None,
-            },
+            }),
             Ok(route) => {
                 let label = route.metric_label();
-                tracing::Span::current().record("route", label);
-                let (answer, refused) = match self.serve(route, head, ip, seams).await {
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    tracing::Span::current().record("route", label);
+                }
+                let (outcome, lookup) = self.serve(route, head, ip, seams, wait).await?;
+                seams.callers.count_lookup(lookup);
+                let (answer, refused) = match outcome {
                     Outcome::Answer(a) => (a, None),
                     Outcome::Refused(why, detail, pod) => {
                         let who = Caller {
@@ -259,11 +302,11 @@ impl Protocol {
                         )
                     }
                 };
-                Decision {
+                Some(Decision {
                     route: label,
                     answer,
                     refused,
-                }
+                })
             }
         }
     }
@@ -309,76 +352,111 @@ impl Protocol {
         head: RequestHead<'_>,
         ip: IpAddr,
         s: Seams<'_>,
-    ) -> Outcome {
+        wait: Wait,
+    ) -> Option<(Outcome, &'static str)> {
         // A caller that is not exactly one pod of this node gets nothing: no session token, no
         // passthrough, no credentials.
         let lookup = match s.callers.identify_now(ip) {
             Some(l) => l,
-            None => s.callers.identify(ip).await,
+            None if wait == Wait::Yes => s.callers.identify(ip).await,
+            None => return None,
         };
+        let looked_up = lookup.metric_label();
+        Some((
+            self.serve_caller(lookup, route, head, ip, s, wait).await?,
+            looked_up,
+        ))
+    }
+
+    /// `serve` once the caller's lookup is known; `None` when a seam would have to wait and
+    /// `wait` says not to.
+    async fn serve_caller(
+        &self,
+        lookup: Lookup,
+        route: Route<'_>,
+        head: RequestHead<'_>,
+        ip: IpAddr,
+        s: Seams<'_>,
+        wait: Wait,
+    ) -> Option<Outcome> {
         let pod = match (lookup, &route) {
             (Lookup::Found(pod), _) => pod,
             (other, Route::IssueToken { .. }) => {
-                return Outcome::TokenRefused(
+                return Some(Outcome::TokenRefused(
                     Refusal::of_lookup(&other).unwrap_or(Refusal::UnknownSource),
-                );
+                ));
             }
             (other, _) => {
-                return Outcome::Refused(
+                return Some(Outcome::Refused(
                     Refusal::of_lookup(&other).unwrap_or(Refusal::UnknownSource),
                     None,
                     None,
-                );
+                ));
             }
         };
-        let span = tracing::Span::current();
-        span.record("pod", pod.name.as_str());
-        span.record("namespace", pod.namespace.as_str());
-        span.record("service_account", pod.service_account.as_str());
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = tracing::Span::current();
+            span.record("pod", pod.name.as_str());
+            span.record("namespace", pod.namespace.as_str());
+            span.record("service_account", pod.service_account.as_str());
+        }
         // Read after the (bounded) wait for the caller, so a token's expiry is checked now.
         let now = s.clock.now();
         if let Route::IssueToken { ttl } = route {
-            return Outcome::Answer(Answer::Reply(match self.tokens.issue(&pod.uid, ttl, now) {
-                Ok(t) => {
-                    let mut r = Reply::ok(t);
-                    r.headers.push((TTL_HEADER, ttl.to_string()));
-                    r
-                }
-                Err(e) => {
-                    tracing::error!(
-                        source_ip = %ip, pod = %pod.name, namespace = %pod.namespace,
-                        service_account = %pod.service_account, error = %e,
-                        "cannot issue session token"
-                    );
-                    Reply::status(StatusCode::INTERNAL_SERVER_ERROR)
-                }
-            }));
+            return Some(Outcome::Answer(Answer::Reply(
+                match self.tokens.issue(&pod.uid, ttl, now) {
+                    Ok(t) => {
+                        let mut r = Reply::ok(t);
+                        r.headers.push((TTL_HEADER, ttl.to_string()));
+                        r
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            source_ip = %ip, pod = %pod.name, namespace = %pod.namespace,
+                            service_account = %pod.service_account, error = %e,
+                            "cannot issue session token"
+                        );
+                        Reply::status(StatusCode::INTERNAL_SERVER_ERROR)
+                    }
+                },
+            )));
         }
         match session_token(head.headers) {
             Some(t) if self.tokens.verify(t, &pod.uid, now).is_err() => {
-                return Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED));
+                return Some(Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED)));
             }
             Some(_) => {}
             None if self.policy.v2_required => {
-                return Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED));
+                return Some(Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED)));
             }
             None => {}
         }
         if let Route::Upstream { path } = route {
-            return Outcome::Answer(Answer::Upstream { path });
+            return Some(Outcome::Answer(Answer::Upstream { path }));
         }
         let grant = match s.roles.role_now(&pod) {
             Some(g) => Ok(g),
-            None => s.roles.role_of(&pod).await,
+            None if wait == Wait::Yes => s.roles.role_of(&pod).await,
+            None => return None,
         };
         let role = match grant {
             Ok(RoleGrant::Role(role)) => role,
-            Ok(RoleGrant::NoRole) => return Outcome::Refused(Refusal::NoRole, None, Some(pod)),
+            Ok(RoleGrant::NoRole) => {
+                return Some(Outcome::Refused(Refusal::NoRole, None, Some(pod)));
+            }
             Ok(RoleGrant::NotAllowed { role_arn }) => {
-                return Outcome::Refused(Refusal::RoleNotAllowed, Some(role_arn), Some(pod));
+                return Some(Outcome::Refused(
+                    Refusal::RoleNotAllowed,
+                    Some(role_arn),
+                    Some(pod),
+                ));
             }
             Ok(RoleGrant::Invalid { reason }) => {
-                return Outcome::Refused(Refusal::InvalidRole, Some(reason), Some(pod));
+                return Some(Outcome::Refused(
+                    Refusal::InvalidRole,
+                    Some(reason),
+                    Some(pod),
+                ));
             }
             Err(e) => {
                 tracing::warn!(
@@ -386,20 +464,23 @@ impl Protocol {
                     service_account = %pod.service_account, error = %e,
                     "cannot read what names the pod's role"
                 );
-                return Outcome::reply(Reply::status(StatusCode::INTERNAL_SERVER_ERROR));
+                return Some(Outcome::reply(Reply::status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                )));
             }
         };
-        match route {
+        Some(match route {
             Route::IamIndex => Outcome::reply(Reply::ok("info\nsecurity-credentials/")),
             Route::RoleList => Outcome::reply(Reply::ok(role.role_name().to_string())),
             Route::Info => Outcome::reply(Reply::ok(wire::info(&role.role_arn, now))),
             Route::Credentials { name } if name == role.role_name() => {
                 if *head.method == Method::HEAD {
-                    return Outcome::reply(Reply::ok(Bytes::new()));
+                    return Some(Outcome::reply(Reply::ok(Bytes::new())));
                 }
                 let got = match s.credentials.credentials_now(&pod, &role) {
                     Some(served) => Ok(served),
-                    None => s.credentials.credentials(&pod, &role).await,
+                    None if wait == Wait::Yes => s.credentials.credentials(&pod, &role).await,
+                    None => return None,
                 };
                 if let Ok(served) = &got
                     && served.first_serve_to(&pod.uid)
@@ -425,8 +506,16 @@ impl Protocol {
                 Some(pod),
             ),
             Route::IssueToken { .. } | Route::Upstream { .. } => Outcome::reply(Reply::not_found()),
-        }
+        })
     }
+}
+
+/// Whether a decision may wait for a seam that has no answer at hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Yes,
+    /// Give up instead (`None`), before anything was counted or logged.
+    No,
 }
 
 /// What `serve` decided: an answer, or a refusal (404; 403 for a session token) with its reason,

@@ -855,3 +855,120 @@ fn the_protocols_debug_shows_the_policy_and_never_the_token_key() {
     assert!(shown.contains("v2_required: true"), "{shown}");
     assert!(shown.contains("key: <redacted>"), "{shown}");
 }
+
+/// The bed's seams with answers at hand (each seam's `*_now`) as told, counting the lookups the
+/// protocol reports.
+struct AtHand<'a> {
+    bed: &'a Bed,
+    caller: bool,
+    role: bool,
+    creds: bool,
+    served: HashMap<String, Arc<Served>>,
+    counted: Mutex<Vec<&'static str>>,
+}
+
+impl<'a> AtHand<'a> {
+    fn new(bed: &'a Bed, caller: bool, role: bool, creds_: bool) -> Self {
+        let served = [(ROLE_A, "ASIAREADER"), (ROLE_B, "ASIAWRITER")]
+            .into_iter()
+            .map(|(arn, key)| (arn.to_string(), Arc::new(Served::new(creds(key)))))
+            .collect();
+        AtHand {
+            bed,
+            caller,
+            role,
+            creds: creds_,
+            served,
+            counted: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn seams(&self) -> Seams<'_> {
+        Seams {
+            callers: self,
+            roles: self,
+            credentials: self,
+            clock: &self.bed.clock,
+        }
+    }
+}
+
+impl Callers for AtHand<'_> {
+    fn identify_now(&self, ip: IpAddr) -> Option<Lookup> {
+        self.caller
+            .then(|| self.bed.callers.0.get(&ip).cloned().unwrap_or(Lookup::Unknown))
+    }
+    fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup> {
+        self.bed.callers.identify(ip)
+    }
+    fn count_lookup(&self, result: &'static str) {
+        self.counted.lock().unwrap().push(result);
+    }
+}
+
+impl Roles for AtHand<'_> {
+    fn role_now(&self, pod: &PodInfo) -> Option<RoleGrant> {
+        let scripted = self.bed.roles.0.lock().unwrap().get(&pod.service_account).cloned();
+        self.role
+            .then(|| scripted.map_or(RoleGrant::NoRole, |r| r.unwrap()))
+    }
+    fn role_of<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, RoleAnswer> {
+        self.bed.roles.role_of(pod)
+    }
+}
+
+impl CredentialSource for AtHand<'_> {
+    fn credentials_now(&self, _pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) -> Option<Arc<Served>> {
+        self.creds.then(|| self.served[&role.role_arn].clone())
+    }
+    fn credentials<'a>(
+        &'a self,
+        _pod: &'a Arc<PodInfo>,
+        role: &'a Arc<RoleSpec>,
+    ) -> BoxFuture<'a, Result<Arc<Served>, IdentityError>> {
+        let s = self.served[&role.role_arn].clone();
+        Box::pin(async move { Ok(s) })
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_decision_without_waiting_is_the_waiting_one_and_counts_its_lookup_once() {
+    let b = bed();
+    let h = HeaderMap::new();
+    let get = |path| RequestHead {
+        method: &Method::GET,
+        path,
+        headers: &h,
+    };
+    let creds_path = format!("{CREDS}reader");
+    for (path, ip) in [
+        (creds_path.as_str(), POD_A),
+        (CREDS, POD_A),
+        (creds_path.as_str(), STRANGER),
+        (creds_path.as_str(), NO_ROLE),
+        ("/latest/meta-data/instance-id", POD_A),
+        ("/nope", POD_A),
+    ] {
+        let ip: IpAddr = ip.parse().unwrap();
+        let now = AtHand::new(&b, true, true, true);
+        let fast = b.protocol.decide_now(get(path), ip, now.seams());
+        let waiting = AtHand::new(&b, false, false, false);
+        let slow = b.protocol.decide(get(path), ip, waiting.seams()).await;
+        assert_eq!(fast.as_ref(), Some(&slow), "{path} from {ip}");
+        assert_eq!(*now.counted.lock().unwrap(), *waiting.counted.lock().unwrap());
+        let expected = usize::from(path != "/nope");
+        assert_eq!(now.counted.lock().unwrap().len(), expected, "{path}");
+    }
+
+    // A seam without its answer at hand: no decision and nothing counted; the waiting one
+    // counts the lookup once.
+    let ip: IpAddr = POD_A.parse().unwrap();
+    for (caller, role, creds_) in [(false, true, true), (true, false, true), (true, true, false)] {
+        let seams = AtHand::new(&b, caller, role, creds_);
+        assert_eq!(b.protocol.decide_now(get(&creds_path), ip, seams.seams()), None);
+        assert!(seams.counted.lock().unwrap().is_empty());
+        let d = b.protocol.decide(get(&creds_path), ip, seams.seams()).await;
+        assert!(matches!(d.answer, Answer::Reply(ref r) if r.status == StatusCode::OK));
+        assert_eq!(*seams.counted.lock().unwrap(), ["found"]);
+    }
+}

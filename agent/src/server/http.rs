@@ -4,24 +4,28 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::future::{BoxFuture, Either};
+use futures::task::AtomicWaker;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::agent::Agent;
 use super::gate::{Gate, Lane, Refusal};
 use super::redirect;
-use crate::imds::{Answer, Reply, RequestHead, UpstreamPath};
+use crate::imds::{Answer, Decision, Refusal as Refused, Reply, RequestHead, UpstreamPath};
 
 /// How often a connection's watchdog looks at its progress: twice per header timeout, so a
 /// connection without a request head is cut after 1 to 1.5 times the timeout.
@@ -49,14 +53,14 @@ pub(super) struct Listener {
 pub(super) fn serve<F, Fut>(
     listener: Listener,
     stop: CancellationToken,
-    graceful: &Arc<GracefulShutdown>,
+    drain: &Drain,
     handler: F,
 ) -> tokio::task::JoinHandle<()>
 where
     F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + Unpin + 'static,
 {
-    let graceful = graceful.clone();
+    let drain = drain.clone();
     let Listener {
         socket,
         gate,
@@ -102,16 +106,18 @@ where
             let progress = Arc::new(Progress::default());
             let svc = {
                 let progress = progress.clone();
+                // The handler is called here, not in a future: a reply it has at hand (a cached
+                // GET) is made without one, and hyper holds only the small future it returns.
                 service_fn(move |req: Request<Incoming>| {
-                    let handler = handler.clone();
                     let answering = Answering::start(&progress);
-                    async move {
-                        if health_only && !HEALTH_PATHS.contains(&req.uri().path()) {
-                            return Ok::<_, Infallible>(busy());
-                        }
-                        let reply = handler(req, peer).await;
-                        drop(answering);
-                        Ok::<_, Infallible>(reply)
+                    let reply = if health_only && !HEALTH_PATHS.contains(&req.uri().path()) {
+                        Either::Left(std::future::ready(busy()))
+                    } else {
+                        Either::Right(handler(req, peer))
+                    };
+                    Answered {
+                        reply,
+                        _answering: answering,
                     }
                 })
             };
@@ -120,9 +126,9 @@ where
             let mut http = hyper::server::conn::http1::Builder::new();
             http.max_buf_size(MAX_HEAD_BYTES).keep_alive(!health_only);
             let conn = http.serve_connection(TokioIo::new(stream), svc);
-            let fut = graceful.watch(conn);
+            let drain = drain.watch();
             tokio::spawn(async move {
-                match watched(fut, &progress, header_timeout).await {
+                match watched(conn, &progress, header_timeout, drain).await {
                     Some(Err(e)) => tracing::debug!(error = %e, peer = %peer, "connection error"),
                     Some(Ok(())) => {}
                     None => tracing::debug!(peer = %peer, "no request head in time; closed"),
@@ -164,34 +170,110 @@ impl Drop for Answering {
     }
 }
 
+/// The reply to one request, counted as being answered until hyper drops it (once it is ready,
+/// or when the connection goes).
+struct Answered<F> {
+    reply: F,
+    _answering: Answering,
+}
+
+impl<F: Future + Unpin> Future for Answered<F> {
+    type Output = Result<F::Output, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.reply).poll(cx).map(Ok)
+    }
+}
+
+/// Connections to drain at shutdown: each holds a watcher until it ends; [`Drain::shutdown`]
+/// tells them all to finish their request in flight and close, and waits until they have.
+#[derive(Clone)]
+pub(super) struct Drain(Arc<tokio::sync::watch::Sender<()>>);
+
+impl Drain {
+    pub(super) fn new() -> Self {
+        Drain(Arc::new(tokio::sync::watch::channel(()).0))
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<()> {
+        self.0.subscribe()
+    }
+
+    /// Tells every connection to close after its request in flight; done when all have.
+    pub(super) async fn shutdown(&self) {
+        let _ = self.0.send(());
+        self.0.closed().await;
+    }
+}
+
+/// Whether a connection's watchdog or drain signal woke its task. Both are polled only then:
+/// polling them on every wake of the connection cost more than a tenth of a cached GET.
+#[derive(Default)]
+struct SideWake {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
 /// Runs `conn` until it ends, or until watchdog ticks covering `header_timeout` in a row saw no
 /// new request head and none being answered (`None`: dropped, which closes the connection).
-async fn watched<F: Future>(
+/// When `drain` says so, the connection finishes its request in flight and closes; `drain` is
+/// held until it has.
+async fn watched<F: GracefulConnection>(
     conn: F,
     progress: &Progress,
     header_timeout: Duration,
+    mut drain: tokio::sync::watch::Receiver<()>,
 ) -> Option<F::Output> {
     let mut conn = std::pin::pin!(conn);
     let every = watchdog_tick(header_timeout);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let (mut seen, mut stalled) = (0, 0);
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut conn => return Some(out),
-            _ = tick.tick() => {
+    let mut draining = false;
+    let mut drain_signal = std::pin::pin!(drain.changed());
+    // Polled at first, then when they woke the task.
+    let side = Arc::new(SideWake {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let side_waker = Waker::from(side.clone());
+    std::future::poll_fn(|cx| {
+        side.task.register(cx.waker());
+        let due = side.woken.swap(false, Ordering::AcqRel);
+        let mut side_cx = Context::from_waker(&side_waker);
+        if due && !draining && drain_signal.as_mut().poll(&mut side_cx).is_ready() {
+            draining = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        if let Poll::Ready(out) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if due {
+            while tick.poll_tick(&mut side_cx).is_ready() {
                 let heads = progress.heads.load(Ordering::Relaxed);
                 if heads != seen || progress.answering.load(Ordering::Relaxed) > 0 {
                     (seen, stalled) = (heads, 0);
                 } else {
                     stalled += 1;
                     if every * stalled >= header_timeout {
-                        return None;
+                        return Poll::Ready(None);
                     }
                 }
             }
         }
-    }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The watchdog's period for a listener's header timeout (never zero).
@@ -199,14 +281,54 @@ fn watchdog_tick(header_timeout: Duration) -> Duration {
     (header_timeout / WATCHDOG_TICKS_PER_TIMEOUT).max(Duration::from_millis(1))
 }
 
+/// An IMDS reply: made at once when the decision had everything at hand (a cached GET), else
+/// a future that waits for what it needs.
+pub(super) type Replying =
+    Either<std::future::Ready<Response<Full<Bytes>>>, BoxFuture<'static, Response<Full<Bytes>>>>;
+
 impl Agent {
     /// One IMDS request: the protocol decides, the passthrough (if any) is fetched, it is counted.
-    pub(super) async fn handle(
+    /// A decision with every answer at hand is made here, without a future; the rest wait.
+    pub(super) fn answer(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Replying {
+        let started = Instant::now();
+        let head = RequestHead {
+            method: req.method(),
+            path: req.uri().path(),
+            headers: req.headers(),
+        };
+        let decision = self
+            .protocol
+            .decide_now(head, peer.ip().to_canonical(), self.seams());
+        let this = self.clone();
+        match decision {
+            Some(Decision {
+                route,
+                answer: Answer::Reply(reply),
+                refused,
+            }) => Either::Left(std::future::ready(
+                this.counted(route, refused, reply, started),
+            )),
+            Some(Decision {
+                route,
+                answer: Answer::Upstream { path },
+                refused,
+            }) => Either::Right(Box::pin(async move {
+                let reply = this.passthrough(&path).await;
+                this.counted(route, refused, reply, started)
+            })),
+            None => Either::Right(Box::pin(
+                async move { this.handle(req, peer, started).await },
+            )),
+        }
+    }
+
+    /// [`answer`](Self::answer) for a request whose decision waits.
+    async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        started: Instant,
     ) -> Response<Full<Bytes>> {
-        let started = Instant::now();
         let head = RequestHead {
             method: req.method(),
             path: req.uri().path(),
@@ -216,13 +338,23 @@ impl Agent {
             .protocol
             .decide(head, peer.ip().to_canonical(), self.seams())
             .await;
-        let refused = decision.refused;
         let reply = match decision.answer {
             Answer::Reply(reply) => reply,
             Answer::Upstream { path } => self.passthrough(&path).await,
         };
+        self.counted(decision.route, decision.refused, reply, started)
+    }
+
+    /// Counts a reply (and its refusal, if it is one) and makes it the response.
+    fn counted(
+        &self,
+        route: &'static str,
+        refused: Option<Refused>,
+        reply: Reply,
+        started: Instant,
+    ) -> Response<Full<Bytes>> {
         self.metrics.request(
-            decision.route,
+            route,
             reply.status.as_u16(),
             started.elapsed().as_secs_f64(),
         );
@@ -309,12 +441,14 @@ mod tests {
             require_redirect: false,
         };
         let stop = CancellationToken::new();
-        let graceful = Arc::new(GracefulShutdown::new());
-        let server = serve(listener, stop.clone(), &graceful, |req, _| async move {
-            if req.uri().path() == "/slow" {
-                tokio::time::sleep(Duration::from_secs(20)).await;
-            }
-            Response::new(Full::new(Bytes::from_static(b"ok")))
+        let drain = Drain::new();
+        let server = serve(listener, stop.clone(), &drain, |req, _| {
+            Box::pin(async move {
+                if req.uri().path() == "/slow" {
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                }
+                Response::new(Full::new(Bytes::from_static(b"ok")))
+            })
         });
 
         // Slowloris: half a head, then nothing.

@@ -24,17 +24,15 @@ impl Agent {
 
 impl Callers for Agent {
     fn identify_now(&self, ip: IpAddr) -> Option<Lookup> {
-        let lookup = self.index.resolve_now(ip)?;
-        self.metrics.lookup(lookup.metric_label());
-        Some(lookup)
+        self.index.resolve_now(ip)
     }
 
     fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup> {
-        Box::pin(async move {
-            let lookup = self.index.resolve(ip, self.pod_wait).await;
-            self.metrics.lookup(lookup.metric_label());
-            lookup
-        })
+        Box::pin(self.index.resolve(ip, self.pod_wait))
+    }
+
+    fn count_lookup(&self, result: &'static str) {
+        self.metrics.lookup(result);
     }
 }
 

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use tokio_util::sync::CancellationToken;
@@ -139,7 +138,7 @@ pub async fn run_with(
     }
     tokio::spawn(agent.creds.clone().refresher(REFRESH_SCAN, stop.clone()));
 
-    let graceful = Arc::new(GracefulShutdown::new());
+    let drain = http::Drain::new();
     let imds = http::Listener {
         socket: listeners.imds,
         gate: Gate::new(
@@ -162,16 +161,19 @@ pub async fn run_with(
     };
     let imds_task = {
         let agent = agent.clone();
-        http::serve(imds, stop.clone(), &graceful, move |req, peer| {
-            let agent = agent.clone();
-            async move { agent.handle(req, peer).await }
+        http::serve(imds, stop.clone(), &drain, move |req, peer| {
+            agent.answer(req, peer)
         })
     };
     let ops_task = {
         let agent = agent.clone();
-        http::serve(ops, stop.clone(), &graceful, move |req, _| {
-            let agent = agent.clone();
-            async move { ops::respond(&req, &agent.index, || agent.creds.stats(), &agent.metrics) }
+        http::serve(ops, stop.clone(), &drain, move |req, _| {
+            std::future::ready(ops::respond(
+                &req,
+                &agent.index,
+                || agent.creds.stats(),
+                &agent.metrics,
+            ))
         })
     };
     tracing::info!(node = %cfg.node_name, listen = %cfg.listen, ops = %cfg.ops_listen, "agent started");
@@ -182,11 +184,9 @@ pub async fn run_with(
     };
     stop.cancel();
     let _ = tokio::join!(imds_task, ops_task);
-    // The accept loops have returned, so this is the last reference.
-    if let Ok(graceful) = Arc::try_unwrap(graceful)
-        && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-            .await
-            .is_err()
+    if tokio::time::timeout(DRAIN_TIMEOUT, drain.shutdown())
+        .await
+        .is_err()
     {
         tracing::warn!("drain timed out; closing remaining connections");
     }
