@@ -224,7 +224,12 @@ impl Protocol {
         ip: IpAddr,
         seams: Seams<'_>,
     ) -> Decision {
-        match self.decide_in(head, ip, seams, Wait::Yes).await {
+        use tracing::Instrument;
+        match self
+            .decide_in(head, ip, seams, Wait::Yes)
+            .instrument(request_span(ip))
+            .await
+        {
             Some(d) => d,
             // `Wait::Yes` always decides.
             None => Decision {
@@ -245,19 +250,17 @@ impl Protocol {
         ip: IpAddr,
         seams: Seams<'_>,
     ) -> Option<Decision> {
-        use futures::FutureExt;
-        // Without waiting, `decide_in` never awaits anything pending: its first poll decides.
-        self.decide_in(head, ip, seams, Wait::No)
-            .now_or_never()
-            .flatten()
+        // Without waiting, `decide_in` never awaits anything pending: its first poll decides
+        // (polled where it was made, not moved into a combinator).
+        request_span(ip).in_scope(|| {
+            let decided = std::pin::pin!(self.decide_in(head, ip, seams, Wait::No));
+            match decided.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+                std::task::Poll::Ready(d) => d,
+                std::task::Poll::Pending => None,
+            }
+        })
     }
 
-    #[tracing::instrument(
-        name = "imds",
-        level = "debug",
-        skip_all,
-        fields(source_ip = %ip, route = Empty, pod = Empty, namespace = Empty, service_account = Empty)
-    )]
     async fn decide_in(
         &self,
         head: RequestHead<'_>,
@@ -276,7 +279,10 @@ impl Protocol {
                 if tracing::enabled!(tracing::Level::DEBUG) {
                     tracing::Span::current().record("route", label);
                 }
-                let (outcome, lookup) = self.serve(route, head, ip, seams, wait).await?;
+                let mut lookup = "";
+                let outcome = self
+                    .serve(route, head, ip, seams, wait, &mut lookup)
+                    .await?;
                 seams.callers.count_lookup(lookup);
                 let (answer, refused) = match outcome {
                     Outcome::Answer(a) => (a, None),
@@ -346,6 +352,8 @@ impl Protocol {
         );
     }
 
+    /// The answer to a routed request; `None` when a seam would have to wait and `wait` says
+    /// not to. `looked_up` is set to the caller's lookup once it is known.
     async fn serve(
         &self,
         route: Route<'_>,
@@ -353,7 +361,8 @@ impl Protocol {
         ip: IpAddr,
         s: Seams<'_>,
         wait: Wait,
-    ) -> Option<(Outcome, &'static str)> {
+        looked_up: &mut &'static str,
+    ) -> Option<Outcome> {
         // A caller that is not exactly one pod of this node gets nothing: no session token, no
         // passthrough, no credentials.
         let lookup = match s.callers.identify_now(ip) {
@@ -361,24 +370,7 @@ impl Protocol {
             None if wait == Wait::Yes => s.callers.identify(ip).await,
             None => return None,
         };
-        let looked_up = lookup.metric_label();
-        Some((
-            self.serve_caller(lookup, route, head, ip, s, wait).await?,
-            looked_up,
-        ))
-    }
-
-    /// `serve` once the caller's lookup is known; `None` when a seam would have to wait and
-    /// `wait` says not to.
-    async fn serve_caller(
-        &self,
-        lookup: Lookup,
-        route: Route<'_>,
-        head: RequestHead<'_>,
-        ip: IpAddr,
-        s: Seams<'_>,
-        wait: Wait,
-    ) -> Option<Outcome> {
+        *looked_up = lookup.metric_label();
         let pod = match (lookup, &route) {
             (Lookup::Found(pod), _) => pod,
             (other, Route::IssueToken { .. }) => {
@@ -508,6 +500,20 @@ impl Protocol {
             Route::IssueToken { .. } | Route::Upstream { .. } => Outcome::reply(Reply::not_found()),
         })
     }
+}
+
+/// The span a request's lines are logged in, at `debug` only: at the production level a request
+/// costs no span (a span per request cost more than the rest of a cached GET). Each line logged
+/// names the caller (source, and pod once known) in its own fields too.
+fn request_span(ip: IpAddr) -> tracing::Span {
+    tracing::debug_span!(
+        "imds",
+        source_ip = %ip,
+        route = Empty,
+        pod = Empty,
+        namespace = Empty,
+        service_account = Empty
+    )
 }
 
 /// Whether a decision may wait for a seam that has no answer at hand.

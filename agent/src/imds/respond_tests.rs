@@ -895,8 +895,14 @@ impl<'a> AtHand<'a> {
 
 impl Callers for AtHand<'_> {
     fn identify_now(&self, ip: IpAddr) -> Option<Lookup> {
-        self.caller
-            .then(|| self.bed.callers.0.get(&ip).cloned().unwrap_or(Lookup::Unknown))
+        self.caller.then(|| {
+            self.bed
+                .callers
+                .0
+                .get(&ip)
+                .cloned()
+                .unwrap_or(Lookup::Unknown)
+        })
     }
     fn identify(&self, ip: IpAddr) -> BoxFuture<'_, Lookup> {
         self.bed.callers.identify(ip)
@@ -908,7 +914,14 @@ impl Callers for AtHand<'_> {
 
 impl Roles for AtHand<'_> {
     fn role_now(&self, pod: &PodInfo) -> Option<RoleGrant> {
-        let scripted = self.bed.roles.0.lock().unwrap().get(&pod.service_account).cloned();
+        let scripted = self
+            .bed
+            .roles
+            .0
+            .lock()
+            .unwrap()
+            .get(&pod.service_account)
+            .cloned();
         self.role
             .then(|| scripted.map_or(RoleGrant::NoRole, |r| r.unwrap()))
     }
@@ -955,7 +968,10 @@ async fn a_decision_without_waiting_is_the_waiting_one_and_counts_its_lookup_onc
         let waiting = AtHand::new(&b, false, false, false);
         let slow = b.protocol.decide(get(path), ip, waiting.seams()).await;
         assert_eq!(fast.as_ref(), Some(&slow), "{path} from {ip}");
-        assert_eq!(*now.counted.lock().unwrap(), *waiting.counted.lock().unwrap());
+        assert_eq!(
+            *now.counted.lock().unwrap(),
+            *waiting.counted.lock().unwrap()
+        );
         let expected = usize::from(path != "/nope");
         assert_eq!(now.counted.lock().unwrap().len(), expected, "{path}");
     }
@@ -963,9 +979,16 @@ async fn a_decision_without_waiting_is_the_waiting_one_and_counts_its_lookup_onc
     // A seam without its answer at hand: no decision and nothing counted; the waiting one
     // counts the lookup once.
     let ip: IpAddr = POD_A.parse().unwrap();
-    for (caller, role, creds_) in [(false, true, true), (true, false, true), (true, true, false)] {
+    for (caller, role, creds_) in [
+        (false, true, true),
+        (true, false, true),
+        (true, true, false),
+    ] {
         let seams = AtHand::new(&b, caller, role, creds_);
-        assert_eq!(b.protocol.decide_now(get(&creds_path), ip, seams.seams()), None);
+        assert_eq!(
+            b.protocol.decide_now(get(&creds_path), ip, seams.seams()),
+            None
+        );
         assert!(seams.counted.lock().unwrap().is_empty());
         let d = b.protocol.decide(get(&creds_path), ip, seams.seams()).await;
         assert!(matches!(d.answer, Answer::Reply(ref r) if r.status == StatusCode::OK));

@@ -5,8 +5,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -382,12 +382,17 @@ impl Agent {
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {
     use http::header::{CONTENT_TYPE, SERVER};
     use http::{HeaderName, HeaderValue};
+    // Built once; a copy costs less than hashing the two names into a new map per reply.
+    static EC2_HEADERS: LazyLock<http::HeaderMap> = LazyLock::new(|| {
+        let mut h = http::HeaderMap::with_capacity(4);
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(SERVER, HeaderValue::from_static("EC2ws"));
+        h
+    });
     let mut r = Response::new(Full::new(reply.body));
     *r.status_mut() = reply.status;
     let h = r.headers_mut();
-    // Static values: nothing parsed or allocated per request.
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    h.insert(SERVER, HeaderValue::from_static("EC2ws"));
+    h.clone_from(&EC2_HEADERS);
     // The names are the protocol's lowercase constants (`TTL_HEADER`), valid for `from_static`.
     for (k, v) in reply.headers {
         if let Ok(v) = HeaderValue::try_from(v) {
