@@ -83,7 +83,8 @@ impl RoleSpec {
 /// Roles read from the API, by namespace then ServiceAccount, with when they were read.
 /// Read by every request: foldhash (seeded per process) instead of SipHash.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-type Recent = FastMap<String, FastMap<String, (Option<Arc<RoleSpec>>, Instant)>>;
+/// Each with the instant its read goes stale (`None`: a TTL too long to add, never).
+type Recent = FastMap<String, FastMap<String, (Option<Arc<RoleSpec>>, Option<Instant>)>>;
 
 pub struct RoleResolver {
     accounts: Arc<dyn ServiceAccounts>,
@@ -171,7 +172,8 @@ impl RoleResolver {
             .load()
             .get(namespace)
             .and_then(|m| m.get(service_account))
-            .filter(|(_, read)| read.elapsed() < self.ttl)
+            // One clock read, no subtraction: the hot path asks this for every request.
+            .filter(|(_, stale_at)| stale_at.is_none_or(|at| Instant::now() < at))
             .map(|(role, _)| role.clone())
     }
 
@@ -198,9 +200,10 @@ impl RoleResolver {
                     .map(Arc::new);
                 self.recent.rcu(|m| {
                     let mut m = Recent::clone(m);
-                    m.entry(namespace.to_string())
-                        .or_default()
-                        .insert(service_account.to_string(), (role.clone(), read));
+                    m.entry(namespace.to_string()).or_default().insert(
+                        service_account.to_string(),
+                        (role.clone(), read.checked_add(self.ttl)),
+                    );
                     m
                 });
                 Ok(role)

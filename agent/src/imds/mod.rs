@@ -114,6 +114,14 @@ pub fn route<'a>(
     headers: &HeaderMap,
     policy: &Policy,
 ) -> Result<Route<'a>, Reply> {
+    // What SDKs ask most, matched whole: the general checks below route it the same way (a
+    // dated version aside, `latest` and the prefix pass them, and the name is one IAM segment).
+    if *method == Method::GET
+        && let Some(name) = path.strip_prefix(LATEST_CREDENTIALS)
+        && is_role_name(name)
+    {
+        return Ok(Route::Credentials { name });
+    }
     if *method != Method::GET && *method != Method::HEAD && *method != Method::PUT {
         return Err(Reply::status(StatusCode::METHOD_NOT_ALLOWED));
     }
@@ -202,6 +210,7 @@ pub fn route<'a>(
 }
 
 const CREDENTIALS_PREFIX: &str = "meta-data/iam/security-credentials/";
+const LATEST_CREDENTIALS: &str = "/latest/meta-data/iam/security-credentials/";
 
 /// A path the agent may send upstream: built only by [`route`], from a version it validated and
 /// the allow-list entry that matched (plus, under a `/*` entry, segments of `[A-Za-z0-9._-]`),
@@ -466,6 +475,23 @@ mod tests {
             r(Method::GET, "/latest/meta-data/iam/", &[]),
             Ok(Route::IamIndex)
         );
+    }
+
+    #[test]
+    fn credentials_paths_route_alike_by_get_head_and_version() {
+        let name = "a+b=c,d.e@f-g_h";
+        for version in ["latest", "2016-09-02"] {
+            let p = format!("/{version}/meta-data/iam/security-credentials/{name}");
+            for m in [Method::GET, Method::HEAD] {
+                assert_eq!(r(m, &p, &[]), Ok(Route::Credentials { name }), "{p}");
+            }
+        }
+        for bad in ["..", ".", "a%2Fb", "a b", "a/", &"r".repeat(65)] {
+            let p = format!("/latest/meta-data/iam/security-credentials/{bad}");
+            for m in [Method::GET, Method::HEAD] {
+                assert_eq!(r(m, &p, &[]), Err(StatusCode::NOT_FOUND), "{p}");
+            }
+        }
     }
 
     #[test]

@@ -252,13 +252,18 @@ impl Protocol {
     ) -> Option<Decision> {
         // Without waiting, `decide_in` never awaits anything pending: its first poll decides
         // (polled where it was made, not moved into a combinator).
-        request_span(ip).in_scope(|| {
+        let decide = || {
             let decided = std::pin::pin!(self.decide_in(head, ip, seams, Wait::No));
             match decided.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
                 std::task::Poll::Ready(d) => d,
                 std::task::Poll::Pending => None,
             }
-        })
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            request_span(ip).in_scope(decide)
+        } else {
+            decide()
+        }
     }
 
     async fn decide_in(
@@ -392,11 +397,12 @@ impl Protocol {
             span.record("namespace", pod.namespace.as_str());
             span.record("service_account", pod.service_account.as_str());
         }
-        // Read after the (bounded) wait for the caller, so a token's expiry is checked now.
-        let now = s.clock.now();
+        // Read where a time is needed (a session token, a body with a time), after the
+        // (bounded) wait for the caller: a v1 credentials GET reads no clock here.
+        let now = || s.clock.now();
         if let Route::IssueToken { ttl } = route {
             return Some(Outcome::Answer(Answer::Reply(
-                match self.tokens.issue(&pod.uid, ttl, now) {
+                match self.tokens.issue(&pod.uid, ttl, now()) {
                     Ok(t) => {
                         let mut r = Reply::ok(t);
                         r.headers.push((TTL_HEADER, ttl.to_string()));
@@ -414,7 +420,7 @@ impl Protocol {
             )));
         }
         match session_token(head.headers) {
-            Some(t) if self.tokens.verify(t, &pod.uid, now).is_err() => {
+            Some(t) if self.tokens.verify(t, &pod.uid, now()).is_err() => {
                 return Some(Outcome::reply(Reply::status(StatusCode::UNAUTHORIZED)));
             }
             Some(_) => {}
@@ -464,7 +470,7 @@ impl Protocol {
         Some(match route {
             Route::IamIndex => Outcome::reply(Reply::ok("info\nsecurity-credentials/")),
             Route::RoleList => Outcome::reply(Reply::ok(role.role_name().to_string())),
-            Route::Info => Outcome::reply(Reply::ok(wire::info(&role.role_arn, now))),
+            Route::Info => Outcome::reply(Reply::ok(wire::info(&role.role_arn, now()))),
             Route::Credentials { name } if name == role.role_name() => {
                 if *head.method == Method::HEAD {
                     return Some(Outcome::reply(Reply::ok(Bytes::new())));
@@ -487,7 +493,7 @@ impl Protocol {
                         expiration = %wire::timestamp(c.expiration), "credentials vended"
                     );
                 }
-                credentials_reply(got, now, pod)
+                credentials_reply(got, s.clock, pod)
             }
             Route::Credentials { name } => Outcome::Refused(
                 Refusal::WrongRoleName,
@@ -550,7 +556,7 @@ impl Outcome {
 /// caller, and every serve is counted in `irsa_imds_requests_total{route="credentials"}`.
 fn credentials_reply(
     got: Result<Arc<Served>, IdentityError>,
-    now: std::time::SystemTime,
+    clock: &dyn Clock,
     pod: Arc<PodInfo>,
 ) -> Outcome {
     Outcome::reply(match got {
@@ -571,7 +577,7 @@ fn credentials_reply(
         // What EC2 answers for a role it cannot assume: SDKs report it instead of retrying.
         Err(e) if !e.retryable() => {
             tracing::debug!(error = %e, "role cannot be assumed");
-            Reply::ok(wire::assume_role_failure(ASSUME_ROLE_FAILED, now))
+            Reply::ok(wire::assume_role_failure(ASSUME_ROLE_FAILED, clock.now()))
         }
         Err(_) => Reply::status(StatusCode::SERVICE_UNAVAILABLE),
     })
