@@ -191,13 +191,12 @@ async fn handle(
     index: &PodIndex,
     on_op: &(dyn Fn(&Op, bool) + Send + Sync),
 ) -> std::io::Result<()> {
-    // Defence in depth beside the socket's 0600 mode: only root (the runtime running the CNI
-    // hook) or the agent's own user may speak.
+    // Defence in depth beside the socket's 0600 mode.
     let peer = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
     let own = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap_or(0);
-    let allowed = peer == 0 || peer == own;
+    let allowed = peer_allowed(peer, own);
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r);
     let mut line = Vec::new();
@@ -248,6 +247,11 @@ async fn handle(
         let _ = tokio::time::timeout(READ_TIMEOUT, discard_line(&mut reader, MAX_DISCARD)).await;
     }
     w.shutdown().await
+}
+
+/// Whether a peer may speak: root (the runtime running the CNI hook) or the agent's own user.
+fn peer_allowed(peer: u32, own: u32) -> bool {
+    peer == 0 || peer == own
 }
 
 /// How much of an oversized request is read and dropped so its sender sees the answer.
@@ -342,6 +346,138 @@ mod tests {
         }
         assert!(parse(br#"{"v":1,"op":"gc"}"#).is_err(), "gc without a list");
         assert!(parse(br#"{"v":1,"op":"gc","valid":["../x"]}"#).is_err());
+    }
+
+    #[test]
+    fn each_op_counts_under_its_protocol_name() {
+        let lines: [&[u8]; 4] = [
+            br#"{"v":1,"op":"add","containerId":"c1","namespace":"ns","name":"p","ips":["10.1.0.1"]}"#,
+            br#"{"v":1,"op":"del","containerId":"c1"}"#,
+            br#"{"v":1,"op":"check","containerId":"c1","ips":["10.1.0.1"]}"#,
+            br#"{"v":1,"op":"gc","valid":[]}"#,
+        ];
+        for line in lines {
+            let op = parse(line).unwrap();
+            let sent: serde_json::Value = serde_json::from_slice(line).unwrap();
+            assert_eq!(op.metric_label(), sent["op"], "{op:?}");
+        }
+    }
+
+    #[test]
+    fn only_root_or_the_agents_own_user_may_register() {
+        // (peer, agent's own uid, allowed)
+        let cases = [
+            (0, 0, true),
+            (0, 999, true),
+            (999, 999, true),
+            (65534, 0, false),
+            (65534, 999, false),
+        ];
+        for (peer, own, want) in cases {
+            assert_eq!(peer_allowed(peer, own), want, "peer {peer}, agent {own}");
+        }
+    }
+
+    /// A stale path that cannot be removed is reported as what it is, not as "address in use".
+    #[tokio::test]
+    async fn bind_reports_a_socket_path_it_cannot_clear() {
+        let dir = std::env::temp_dir().join(format!("irsa-bind-{}", std::process::id()));
+        let path = dir.join("cni.sock");
+        std::fs::create_dir_all(path.join("occupied")).unwrap();
+        let err = bind(&path).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(err.kind(), std::io::ErrorKind::IsADirectory, "{err}");
+    }
+
+    /// One connection straight through `handle`, on a socket pair (the peer is this process).
+    /// The client keeps its end open while it reads, as the plugin does.
+    async fn exchange(index: &PodIndex, request: &[u8]) -> String {
+        let (server, mut client) = UnixStream::pair().unwrap();
+        let (served, reply) = tokio::join!(handle(server, index, &|_: &Op, _| {}), async {
+            client.write_all(request).await.unwrap();
+            let mut out = String::new();
+            client.read_to_string(&mut out).await.unwrap();
+            out
+        });
+        served.unwrap();
+        reply
+    }
+
+    const OK: &str = "{\"v\":1,\"ok\":true}\n";
+
+    /// A whole line is answered and the connection closed at once: nothing waits for bytes the
+    /// client will never send. (Paused clock: it only moves when every task waits on a timer.)
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_request_is_answered_without_waiting_for_more() {
+        let index = PodIndex::new();
+        let started = tokio::time::Instant::now();
+        let reply = exchange(&index, b"{\"v\":1,\"op\":\"del\",\"containerId\":\"c1\"}\n").await;
+        assert_eq!(reply, OK);
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "the connection waited for more of the request"
+        );
+    }
+
+    /// MAX_MESSAGE counts the newline: a line of exactly that many bytes is served, one more is
+    /// refused.
+    #[tokio::test]
+    async fn a_request_of_exactly_the_limit_is_served_one_byte_more_is_refused() {
+        let index = PodIndex::new();
+        let padded = |len: usize| {
+            let mut m = br#"{"v":1,"op":"del","containerId":"c1"}"#.to_vec();
+            m.resize(len - 1, b' ');
+            m.push(b'\n');
+            m
+        };
+        let max = usize::try_from(MAX_MESSAGE).unwrap();
+        assert_eq!(exchange(&index, &padded(max)).await, OK);
+        let reply = exchange(&index, &padded(max + 1)).await;
+        assert!(
+            reply.contains("\"ok\":false") && reply.contains("larger than"),
+            "{reply}"
+        );
+    }
+
+    /// ADD, DEL and GC are in the state file before the runtime hears "done" (a DEL's revocation
+    /// must outlive a restart once the IP may be handed out again); a CHECK writes nothing.
+    #[tokio::test]
+    async fn every_change_is_saved_before_it_is_answered() {
+        let dir = std::env::temp_dir().join(format!("irsa-persist-{}", std::process::id()));
+        let path = dir.join("state.json");
+        let index = PodIndex::new();
+        index.set_store(super::super::state::StateStore::new(&path));
+        let saved = || {
+            super::super::state::StateStore::new(&path)
+                .load()
+                .unwrap()
+                .map(|s| {
+                    s.registrations
+                        .into_iter()
+                        .map(|r| r.container_id)
+                        .collect::<Vec<_>>()
+                })
+        };
+        let add = |cid: &str, ip: &str| {
+            format!(
+                r#"{{"v":1,"op":"add","containerId":"{cid}","namespace":"ns","name":"p-{cid}","ips":["{ip}"]}}"#
+            ) + "\n"
+        };
+        assert_eq!(exchange(&index, add("c1", "10.1.0.7").as_bytes()).await, OK);
+        assert_eq!(exchange(&index, add("c2", "10.1.0.8").as_bytes()).await, OK);
+        assert_eq!(saved(), Some(vec!["c1".to_string(), "c2".to_string()]));
+        std::fs::remove_file(&path).unwrap();
+        let check = "{\"v\":1,\"op\":\"check\",\"containerId\":\"c1\",\"ips\":[\"10.1.0.7\"]}\n";
+        assert_eq!(exchange(&index, check.as_bytes()).await, OK);
+        assert_eq!(saved(), None, "a CHECK wrote the state file");
+        let del = "{\"v\":1,\"op\":\"del\",\"containerId\":\"c1\"}\n";
+        assert_eq!(exchange(&index, del.as_bytes()).await, OK);
+        assert_eq!(saved(), Some(vec!["c2".to_string()]));
+        let gc = "{\"v\":1,\"op\":\"gc\",\"valid\":[]}\n";
+        assert_eq!(exchange(&index, gc.as_bytes()).await, OK);
+        assert_eq!(saved(), Some(vec![]));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A registration socket served from a directory of its own, as the agent serves it.
