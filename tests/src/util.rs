@@ -195,3 +195,9 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     anyhow::ensure!(bin.exists(), "{} missing after the build", bin.display());
     bin.canonicalize().context("binary path")
 }
+
+/// The agent binary, built now if the sources changed (never a stale one: see [`workspace_bin`]).
+/// A test helper: a failed build panics with cargo's output.
+pub fn agent_bin() -> std::path::PathBuf {
+    workspace_bin("irsa-imds-agent").unwrap_or_else(|e| panic!("{e:#}"))
+}

@@ -27,11 +27,6 @@ const WRITER: &str = "arn:aws:iam::123456789012:role/legacy-writer";
 const AGENT_PORT: u16 = 8181;
 const OPS_PORT: u16 = 8182;
 
-/// The agent binary, built now if the sources changed (never a stale one).
-fn agent_bin() -> anyhow::Result<PathBuf> {
-    testbed::util::workspace_bin("irsa-imds-agent")
-}
-
 struct Bed {
     topo: Topology,
     kube: KubeApi,
@@ -89,7 +84,7 @@ impl Bed {
     }
 
     fn start_agent_with(&self, args: &[&str]) -> tokio::process::Child {
-        let bin = agent_bin().unwrap();
+        let bin = testbed::util::agent_bin();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -483,7 +478,7 @@ async fn redirect_rule_life_cycle_fails_closed() {
 
 /// `irsa-imds-agent uninstall` in the node namespace.
 fn uninstall_agent(b: &Bed) {
-    let bin = agent_bin().unwrap();
+    let bin = testbed::util::agent_bin();
     let out = testbed::netns::sh(&[
         "ip",
         "netns",
@@ -575,6 +570,21 @@ async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
             child.wait_with_output().await.unwrap()
         }
     };
+    // The pod namespace's nat OUTPUT chain, where the plugin puts the redirect.
+    let pod_nat_output = || {
+        testbed::netns::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            b.topo.pod_ns(0),
+            "iptables",
+            "-t",
+            "nat",
+            "-S",
+            "OUTPUT",
+        ])
+        .unwrap()
+    };
     let out = cni("ADD").await;
     assert!(
         out.status.success(),
@@ -582,33 +592,11 @@ async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let pod_rules = testbed::netns::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        b.topo.pod_ns(0),
-        "iptables",
-        "-t",
-        "nat",
-        "-S",
-        "OUTPUT",
-    ])
-    .unwrap();
+    let pod_rules = pod_nat_output();
     assert_eq!(count(&pod_rules, "169.254.169.254"), 1, "{pod_rules}");
     // A second ADD (runtime retry) does not stack rules.
     assert!(cni("ADD").await.status.success());
-    let pod_rules = testbed::netns::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        b.topo.pod_ns(0),
-        "iptables",
-        "-t",
-        "nat",
-        "-S",
-        "OUTPUT",
-    ])
-    .unwrap();
+    let pod_rules = pod_nat_output();
     assert_eq!(count(&pod_rules, "169.254.169.254"), 1, "{pod_rules}");
 
     let r = b.client(0, "legacy-boto").await;
@@ -621,18 +609,7 @@ async fn cni_hook_per_pod_redirect_and_registration_end_to_end() {
     assert!(cni("DEL").await.status.success());
     let after = direct_status(&b, 0, creds).await;
     assert!(after.contains(" 404 "), "after DEL: {after:?}");
-    let pod_rules = testbed::netns::sh(&[
-        "ip",
-        "netns",
-        "exec",
-        b.topo.pod_ns(0),
-        "iptables",
-        "-t",
-        "nat",
-        "-S",
-        "OUTPUT",
-    ])
-    .unwrap();
+    let pod_rules = pod_nat_output();
     let r = b.client(0, "legacy-boto").await;
     assert_eq!(r["ok"], false, "after DEL: {r}; pod rules: {pod_rules}");
 

@@ -189,11 +189,6 @@ impl Sdk {
     }
 }
 
-/// The agent binary, built now if the sources changed (never a stale one).
-fn agent_bin() -> PathBuf {
-    testbed::util::workspace_bin("irsa-imds-agent").unwrap()
-}
-
 /// Pods: 0 = reader role, 1 = writer role, 2 = no role.
 struct Bed {
     // Dropped in this order: the control plane before the namespace it runs in.
@@ -284,7 +279,10 @@ impl Bed {
     fn start_agent(&self) -> tokio::process::Child {
         let log = std::fs::File::create(self.dir.path().join("agent.log")).unwrap();
         self.topo
-            .exec_in(self.topo.node_ns(), agent_bin().to_str().unwrap())
+            .exec_in(
+                self.topo.node_ns(),
+                testbed::util::agent_bin().to_str().unwrap(),
+            )
             .args(["--node-name", NODE])
             .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}")])
             .args(["--ops-listen", &format!("127.0.0.1:{OPS_PORT}")])

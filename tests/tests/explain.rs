@@ -24,14 +24,6 @@ async fn explain(socket: &Path, target: &str) -> String {
         .unwrap_or_else(|e| panic!("explain {target}: {e}"))
 }
 
-/// The agent binary, as an operator runs it (`kubectl exec ... irsa-imds-agent explain ...`).
-fn agent_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("debug/irsa-imds-agent")
-}
-
 #[tokio::test]
 async fn explain_names_the_cause_for_each_pod_and_never_a_secret() {
     let kube = KubeApi::start().await.unwrap();
@@ -139,7 +131,7 @@ async fn explain_names_the_cause_for_each_pod_and_never_a_secret() {
     // (Off the runtime's thread: the agent answering it runs on this one.)
     let sock = socket.clone();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(agent_bin())
+        std::process::Command::new(testbed::util::agent_bin())
             .args(["explain", "--socket", sock.to_str().unwrap(), "apps/served"])
             .output()
             .unwrap()

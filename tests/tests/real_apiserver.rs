@@ -43,11 +43,6 @@ async fn plane() -> Option<Arc<ControlPlane>> {
     Some(cp)
 }
 
-/// The agent binary, built now if the sources changed (never a stale one).
-fn agent_bin() -> PathBuf {
-    testbed::util::workspace_bin("irsa-imds-agent").unwrap()
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -102,7 +97,7 @@ impl AgentProc {
         let imds: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let ops: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-        let child = tokio::process::Command::new(agent_bin())
+        let child = tokio::process::Command::new(testbed::util::agent_bin())
             .args(["--node-name", node, "--log-format", "text"])
             .args([
                 "--listen",
