@@ -138,6 +138,11 @@ impl Agent {
         request(self.imds, src.parse()?, Method::GET, path, &[]).await
     }
 
+    /// A kept-alive connection from `src`, as an SDK's pooled HTTP client holds one.
+    pub async fn kept_alive(&self, src: &str) -> anyhow::Result<KeptAlive> {
+        KeptAlive::connect(self.imds, src.parse()?).await
+    }
+
     /// GET from `src` with a fresh IMDSv2 session token, so it works whether or not v2 is
     /// required.
     pub async fn get_with_token(&self, src: &str, path: &str) -> anyhow::Result<Reply> {
@@ -208,6 +213,22 @@ pub async fn sdk_sts(endpoint: String) -> Arc<irsa_imds_agent::identity::sts::Sd
     )
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An HTTP/1.1 connection to `to` from source address `src`.
+async fn connect(to: SocketAddr, src: IpAddr) -> anyhow::Result<Sender> {
+    let sock = if src.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(src, 0))?;
+    let stream = sock.connect(to).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
 /// One HTTP/1.1 request to `to`, sent from source address `src`.
 pub async fn request(
     to: SocketAddr,
@@ -216,15 +237,50 @@ pub async fn request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Reply> {
-    let sock = if src.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    sock.bind(SocketAddr::new(src, 0))?;
-    let stream = sock.connect(to).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let mut sender = connect(to, src).await?;
+    send(&mut sender, method, path, headers).await
+}
+
+/// One kept-alive HTTP/1.1 connection from a source address: every request goes over it. Only
+/// when the agent closed it while idle (its header timeout) is a new one opened, and counted.
+pub struct KeptAlive {
+    to: SocketAddr,
+    src: IpAddr,
+    conn: tokio::sync::Mutex<(Sender, usize)>,
+}
+
+impl KeptAlive {
+    pub async fn connect(to: SocketAddr, src: IpAddr) -> anyhow::Result<KeptAlive> {
+        let sender = connect(to, src).await?;
+        Ok(KeptAlive {
+            to,
+            src,
+            conn: tokio::sync::Mutex::new((sender, 0)),
+        })
+    }
+
+    /// GET over the connection.
+    pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        let mut conn = self.conn.lock().await;
+        if conn.0.ready().await.is_err() {
+            conn.0 = connect(self.to, self.src).await?;
+            conn.1 += 1;
+        }
+        send(&mut conn.0, Method::GET, path, &[]).await
+    }
+
+    /// How many times the agent had closed the idle connection and a new one was opened.
+    pub async fn reconnects(&self) -> usize {
+        self.conn.lock().await.1
+    }
+}
+
+async fn send(
+    sender: &mut Sender,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Reply> {
     let mut req = Request::builder()
         .method(method)
         .uri(path)

@@ -365,6 +365,71 @@ async fn deleted_pod_is_forgotten_and_its_ip_reused_by_another_role_gets_only_th
     );
 }
 
+/// An SDK's pooled client keeps its connection: what the agent remembers on it between requests
+/// never outlives a change. The pod's deletion, its address's reuse by a pod of another role,
+/// and a role change are each seen over the same connection as over new ones.
+#[tokio::test]
+async fn a_kept_alive_connection_sees_each_change_like_a_new_one() {
+    let b = bed(&["--sa-cache-ttl", "1s"]).await;
+    let ip = "127.0.0.116";
+    add_pod(&b, "kept", "reader", ip).await;
+    let conn = b.agent.kept_alive(ip).await.unwrap();
+    let key = |r: &testbed::harness::Reply| r.json().unwrap()["AccessKeyId"].clone();
+    let first = conn.get(&format!("{CREDS}reader")).await.unwrap();
+    assert_eq!(first.status, StatusCode::OK);
+    let again = conn.get(&format!("{CREDS}reader")).await.unwrap();
+    assert_eq!(key(&again), key(&first));
+    assert_eq!(key(&again), creds_json(&b, ip, "reader").await["AccessKeyId"]);
+
+    b.kube.delete_pod("apps", "kept");
+    wait_for(Duration::from_secs(10), || async {
+        matches!(conn.get(CREDS).await, Ok(r) if r.status == StatusCode::NOT_FOUND)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status_of(&b, ip, CREDS).await, StatusCode::NOT_FOUND);
+
+    add_pod(&b, "next", "writer", ip).await;
+    assert_eq!(conn.get(CREDS).await.unwrap().text(), "writer");
+    let writer = conn.get(&format!("{CREDS}writer")).await.unwrap();
+    assert_eq!(writer.status, StatusCode::OK);
+    assert_ne!(key(&writer), key(&first));
+    assert_eq!(key(&writer), creds_json(&b, ip, "writer").await["AccessKeyId"]);
+    let old_role = conn.get(&format!("{CREDS}reader")).await.unwrap();
+    assert_eq!(old_role.status, StatusCode::NOT_FOUND);
+    let last = b.sts.calls().pop().unwrap();
+    assert_eq!(
+        (last.role_arn.as_str(), last.role_session_name.as_str()),
+        (ROLE_B, "apps.next")
+    );
+
+    // The reader role is made to trust the writer ServiceAccount too, as the annotation's owner
+    // would do in IAM.
+    b.sts.trust_role(
+        ROLE_A,
+        RoleTrust::service_accounts(&[("apps", "reader"), ("apps", "writer")]),
+    );
+    b.kube
+        .apply_service_account("apps", "writer", &[(ANN, ROLE_A)]);
+    wait_for(Duration::from_secs(10), || async {
+        matches!(conn.get(CREDS).await, Ok(r) if r.text() == "reader")
+    })
+    .await
+    .unwrap();
+    let reader = conn.get(&format!("{CREDS}reader")).await.unwrap();
+    assert_eq!(reader.status, StatusCode::OK);
+    assert_ne!(key(&reader), key(&first));
+    assert_eq!(key(&reader), creds_json(&b, ip, "reader").await["AccessKeyId"]);
+    let last = b.sts.calls().pop().unwrap();
+    assert_eq!(
+        (last.role_arn.as_str(), last.role_session_name.as_str()),
+        (ROLE_A, "apps.next")
+    );
+    let old_role = conn.get(&format!("{CREDS}writer")).await.unwrap();
+    assert_eq!(old_role.status, StatusCode::NOT_FOUND);
+    println!("reconnects: {}", conn.reconnects().await);
+}
+
 #[tokio::test]
 async fn terminated_pod_ip_never_matches() {
     let b = bed(&[]).await;

@@ -76,11 +76,18 @@ fn cni_bin() -> std::path::PathBuf {
 /// The credentials served to `ip` for `role` are exactly what STS issued for the pod's role to the
 /// session of pod `apps/<name>`, for its ServiceAccount `sa`; a description of the mismatch if not.
 async fn check_served(b: &Bed, ip: &str, sa: &str, name: &str) -> Result<(), String> {
-    let r = b
-        .agent
-        .get(ip, &format!("{CREDS}{sa}-role"))
-        .await
-        .map_err(|e| e.to_string())?;
+    let r = b.agent.get(ip, &format!("{CREDS}{sa}-role")).await;
+    check_reply(b, r, sa, name)
+}
+
+/// [`check_served`] for a reply already received.
+fn check_reply(
+    b: &Bed,
+    r: anyhow::Result<testbed::harness::Reply>,
+    sa: &str,
+    name: &str,
+) -> Result<(), String> {
+    let r = r.map_err(|e| e.to_string())?;
     if r.status != StatusCode::OK {
         return Err(format!("{} {}", r.status, r.text()));
     }
@@ -302,6 +309,10 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
     let mut lost_dels = 0;
     let cycles = 2_000;
     let mut previous: Option<String> = None;
+    // An SDK's pooled client: one connection from the address across every cycle, asked first,
+    // while it still remembers the previous pod.
+    let kept = b.agent.kept_alive(ip).await.unwrap();
+    let mut kept_gap_checks = 0;
     for i in 0..cycles {
         let (sa, _) = ROLES[i % 2];
         let name = format!("r{i}");
@@ -311,6 +322,10 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
             // The kubelet confirms the old pod's deletion only now: its Terminating window
             // overlapped this pod's start.
             b.kube.delete_pod("apps", &prev);
+        }
+        let r = kept.get(&format!("{CREDS}{sa}-role")).await;
+        if let Err(e) = check_reply(&b, r, sa, &name) {
+            wrong.push(format!("cycle {i}, kept-alive connection: {e}"));
         }
         if let Err(e) = check_served(&b, ip, sa, &name).await {
             wrong.push(format!("cycle {i}: {e}"));
@@ -341,11 +356,24 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
                     gap.text()
                 ));
             }
+            // Over the kept connection too (less often: each waits the bounded pod wait).
+            if i % 50 == 0 {
+                kept_gap_checks += 1;
+                let gap = kept.get(CREDS).await.unwrap();
+                if gap.status != StatusCode::NOT_FOUND {
+                    wrong.push(format!(
+                        "cycle {i}: gap answered over the kept-alive connection {} {}",
+                        gap.status,
+                        gap.text()
+                    ));
+                }
+            }
         }
         previous = Some(name);
     }
     println!(
-        "reuse: {cycles} cycles, {gap_checks} gap checks, {lost_dels} lost DELs, {} wrong",
+        "reuse: {cycles} cycles, {gap_checks} gap checks ({kept_gap_checks} over the kept-alive connection, reopened {} times after idling), {lost_dels} lost DELs, {} wrong",
+        kept.reconnects().await,
         wrong.len()
     );
     assert!(

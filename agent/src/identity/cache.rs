@@ -108,6 +108,9 @@ pub struct Served {
     /// Uids of the pods this set was served to (one in `pod` scope; the ServiceAccount's pods on
     /// this node in `service-account` scope): read without a lock, written once per pod.
     served_to: ArcSwap<Vec<Box<str>>>,
+    /// One of `served_to`, set once: the pod a set usually serves is found without loading the
+    /// list.
+    first: std::sync::OnceLock<Box<str>>,
 }
 
 impl Served {
@@ -116,12 +119,16 @@ impl Served {
             creds,
             body: std::sync::OnceLock::new(),
             served_to: ArcSwap::from_pointee(Vec::new()),
+            first: std::sync::OnceLock::new(),
         }
     }
 
     /// True the first time this set is served to the pod `uid` (its audit line is written then);
     /// forgotten with the set. Two racing first requests of one pod: one of them gets true.
     pub fn first_serve_to(&self, uid: &str) -> bool {
+        if self.first.get().is_some_and(|u| **u == *uid) {
+            return false;
+        }
         if self.served_to.load().iter().any(|u| **u == *uid) {
             return false;
         }
@@ -134,6 +141,10 @@ impl Served {
             }
             pods
         });
+        // In `served_to` now, whoever put it there.
+        if self.first.get().is_none() {
+            let _ = self.first.set(uid.into());
+        }
         first
     }
 
@@ -141,6 +152,13 @@ impl Served {
     pub(crate) fn body(&self, render: impl FnOnce(&Credentials) -> bytes::Bytes) -> bytes::Bytes {
         self.body.get_or_init(|| render(&self.creds)).clone()
     }
+}
+
+/// A pod's slot for its role as [`CredentialCache::get_now_ref`] found it in the index.
+#[derive(Clone)]
+pub(crate) struct SlotRef {
+    slot: Arc<Slot>,
+    generation: u64,
 }
 
 /// The cache's view of one pod's role, for `explain`: times and errors, never credentials.
@@ -194,6 +212,8 @@ fn index_key(scope: SessionScope, pod: &PodInfo) -> (&str, &str) {
 pub struct CredentialCache {
     slots: moka::future::Cache<Key, Arc<Slot>>,
     index: Arc<ArcSwap<Index>>,
+    /// Moved on after every change to `index` (a slot made, a pod's slots dropped).
+    index_generation: Arc<AtomicU64>,
     minter: Arc<dyn TokenMinter>,
     sts: Arc<dyn RoleExchange>,
     clock: Arc<dyn Clock>,
@@ -212,7 +232,8 @@ impl CredentialCache {
         metrics: Arc<Metrics>,
     ) -> Self {
         let index = Arc::new(ArcSwap::from_pointee(Index::default()));
-        let dropped = index.clone();
+        let index_generation = Arc::new(AtomicU64::new(0));
+        let (dropped, dropped_generation) = (index.clone(), index_generation.clone());
         let slots = moka::future::Cache::builder()
             .max_capacity(100_000)
             // No idle expiry: requests read slots through the index, unseen by the cache, and a
@@ -230,12 +251,14 @@ impl CredentialCache {
                     index.retain(|_, sas| !sas.is_empty());
                     index
                 });
+                dropped_generation.fetch_add(1, Ordering::AcqRel);
             })
             .build();
         let limiter = Limiter::new(settings.max_concurrent, settings.rate_per_sec);
         CredentialCache {
             slots,
             index,
+            index_generation,
             minter,
             sts,
             clock,
@@ -305,9 +328,37 @@ impl CredentialCache {
     /// no wait (the hot path); `None` when [`get_served`](Self::get_served) must make the slot,
     /// fetch or wait.
     pub fn get_now(self: &Arc<Self>, pod: &Arc<PodInfo>, role: &RoleSpec) -> Option<Arc<Served>> {
+        self.get_now_ref(pod, role).map(|(served, _)| served)
+    }
+
+    /// [`get_now`](Self::get_now), and the slot it came from: while
+    /// [`still_indexed`](Self::still_indexed) holds for it, `get_now` for the same pod and
+    /// role finds that slot, and [`servable_at`](Self::servable_at) answers what it would
+    /// (what a kept-alive connection remembers of its caller).
+    pub(crate) fn get_now_ref(
+        self: &Arc<Self>,
+        pod: &Arc<PodInfo>,
+        role: &RoleSpec,
+    ) -> Option<(Arc<Served>, SlotRef)> {
+        // Read before the index, and moved on after it changes: a reference is never newer than
+        // the index it was found in.
+        let generation = self.index_generation.load(Ordering::Acquire);
         let slot = self.indexed(pod, role)?;
         self.join(&slot, pod);
-        self.servable(&slot)
+        let served = self.servable(&slot)?;
+        Some((served, SlotRef { slot, generation }))
+    }
+
+    /// Whether the index is unchanged since `slot` was found in it: its pod is still one the
+    /// slot serves (a pod leaves a slot only with a change of the index), and no slot replaced
+    /// it. One atomic load.
+    pub(crate) fn still_indexed(&self, slot: &SlotRef) -> bool {
+        self.index_generation.load(Ordering::Acquire) == slot.generation
+    }
+
+    /// What [`get_now`](Self::get_now) answers from a slot [`still_indexed`](Self::still_indexed).
+    pub(crate) fn servable_at(self: &Arc<Self>, slot: &SlotRef) -> Option<Arc<Served>> {
+        self.servable(&slot.slot)
     }
 
     /// Warms the cache for a pod that just appeared, behind any request that is waiting. The slot
@@ -378,8 +429,13 @@ impl CredentialCache {
             }
             index
         });
+        self.index_changed();
         self.join(&slot, pod);
         slot
+    }
+
+    fn index_changed(&self) {
+        self.index_generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The slot for `pod` and `role` if it exists, from the index: no lock, no key built.
@@ -620,6 +676,7 @@ impl CredentialCache {
             index.retain(|_, sas| !sas.is_empty());
             index
         });
+        self.index_changed();
         if let Err(e) = self
             .slots
             .invalidate_entries_if(|_, s| s.members.load().is_empty())
@@ -1096,6 +1153,44 @@ mod tests {
             2,
             "a new fetch after eviction"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_remembered_slot_answers_as_get_now_until_the_index_changes() {
+        let b = bed_with(SessionScope::ServiceAccount, 1000);
+        assert!(b.cache.get_now_ref(&b.pod, &b.role).is_none(), "nothing yet");
+        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+        let (served, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
+        assert_eq!(served.creds.access_key_id, first.access_key_id);
+        assert!(b.cache.still_indexed(&at));
+        // A renewal is the slot's: served from the remembered slot at once.
+        b.clock.advance(Duration::from_secs(20 * 60));
+        assert_eq!(b.cache.refresh_due().await, 1);
+        let renewed = b.cache.servable_at(&at).unwrap();
+        assert_ne!(renewed.creds.access_key_id, first.access_key_id);
+        assert_eq!(
+            renewed.creds.access_key_id,
+            b.cache.get_now(&b.pod, &b.role).unwrap().creds.access_key_id
+        );
+        assert!(b.cache.still_indexed(&at));
+        // Another pod joining the session changes no slot; one leaving it does.
+        let second = other_pod(&b, 2);
+        b.cache.get(&second, &b.role).await.unwrap();
+        assert!(b.cache.still_indexed(&at));
+        b.cache.evict_pod(&second.uid);
+        assert!(!b.cache.still_indexed(&at), "a pod left");
+        // A new slot, then the pod's own eviction.
+        let (_, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
+        let other_role = Arc::new(RoleSpec {
+            role_arn: "arn:aws:iam::123456789012:role/other".into(),
+            ..(*b.role).clone()
+        });
+        b.cache.get(&b.pod, &other_role).await.unwrap();
+        assert!(!b.cache.still_indexed(&at), "a slot was made");
+        let (_, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
+        b.cache.evict_pod(&b.pod.uid);
+        assert!(!b.cache.still_indexed(&at), "its pod went");
+        assert!(b.cache.get_now_ref(&b.pod, &b.role).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -95,6 +96,8 @@ pub struct RoleResolver {
     /// What the last reads found, for requests: looked up by `&str` without a lock or an
     /// allocation; an entry is used for `ttl` after its read, like the cache's.
     recent: ArcSwap<Recent>,
+    /// Moved on after every change to `recent` (a read stored, a ServiceAccount forgotten).
+    generation: AtomicU64,
     /// kube2iam migration mode, when on.
     kube2iam: Option<Kube2iamMode>,
     /// `--default-role`: for pods that name none.
@@ -102,6 +105,14 @@ pub struct RoleResolver {
     /// kube2iam mode's grants by pod uid, with the annotation value they were made for, so a
     /// request does not rebuild its pod's role; kept for `ttl`, like a ServiceAccount's.
     pod_grants: moka::sync::Cache<String, Arc<(String, RoleGrant)>>,
+}
+
+/// When a grant from [`RoleResolver::grant_now_stamped`] stops holding: at the next change of
+/// what the resolver read, or when the read behind it goes stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GrantStamp {
+    generation: u64,
+    stale_at: Option<Instant>,
 }
 
 /// kube2iam migration mode: the base ARN for bare names, and the namespace restriction if on.
@@ -128,6 +139,7 @@ impl RoleResolver {
             ttl,
             cache,
             recent: ArcSwap::from_pointee(Recent::default()),
+            generation: AtomicU64::new(0),
             kube2iam: None,
             default_role: None,
             pod_grants: moka::sync::Cache::builder()
@@ -206,6 +218,7 @@ impl RoleResolver {
                     );
                     m
                 });
+                self.changed();
                 Ok(role)
             })
             .await
@@ -252,17 +265,51 @@ impl RoleResolver {
     /// path: the ServiceAccount's role read less than the TTL ago, or else the pod's kube2iam
     /// grant still kept, or the default role); `None` when `grant` must read.
     pub(crate) fn grant_now(&self, pod: &PodInfo) -> Option<RoleGrant> {
-        if let Some(role) = self.resolve_now(&pod.namespace, &pod.service_account)? {
-            return Some(RoleGrant::Role(role));
+        self.grant_now_stamped(pod).map(|(grant, _)| grant)
+    }
+
+    /// [`grant_now`](Self::grant_now), and how long the answer holds when only the
+    /// ServiceAccount's read decides it (its role, or the default role when it names none):
+    /// while [`still_granted`](Self::still_granted) says so, `grant_now` gives the same answer
+    /// for the pod (what a kept-alive connection remembers of its caller). No stamp for a
+    /// kube2iam grant, which has a cache of its own.
+    pub(crate) fn grant_now_stamped(&self, pod: &PodInfo) -> Option<(RoleGrant, Option<GrantStamp>)> {
+        // Read before `recent`, and moved on after it changes: a stamp is never newer than what
+        // it vouches for.
+        let generation = self.generation.load(Ordering::Acquire);
+        let recent = self.recent.load();
+        let (role, stale_at) = recent
+            .get(pod.namespace.as_str())
+            .and_then(|m| m.get(pod.service_account.as_str()))
+            .filter(|(_, stale_at)| stale_at.is_none_or(|at| Instant::now() < at))?;
+        let stamp = GrantStamp {
+            generation,
+            stale_at: *stale_at,
+        };
+        if let Some(role) = role {
+            return Some((RoleGrant::Role(role.clone()), Some(stamp)));
         }
         if let (Some(_), Some(value)) = (&self.kube2iam, &pod.kube2iam_role) {
             let hit = self.pod_grants.get(pod.uid.as_str())?;
-            return (hit.0 == *value).then(|| hit.1.clone());
+            return (hit.0 == *value).then(|| (hit.1.clone(), None));
         }
-        Some(match &self.default_role {
+        let grant = match &self.default_role {
             Some(role) => RoleGrant::Role(role.clone()),
             None => RoleGrant::NoRole,
-        })
+        };
+        Some((grant, Some(stamp)))
+    }
+
+    /// Whether a grant stamped by [`grant_now_stamped`](Self::grant_now_stamped) still holds
+    /// at `now`: nothing was read or forgotten since, and its read is not stale. An atomic
+    /// load and a comparison, no clock read (the caller has one).
+    pub(crate) fn still_granted(&self, stamp: &GrantStamp, now: Instant) -> bool {
+        self.generation.load(Ordering::Acquire) == stamp.generation
+            && stamp.stale_at.is_none_or(|at| now < at)
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// What `pod` is granted: its ServiceAccount's role (always first); else, in kube2iam mode,
@@ -317,6 +364,7 @@ impl RoleResolver {
             }
             m
         });
+        self.changed();
         self.cache
             .invalidate(&(namespace.to_string(), service_account.to_string()))
             .await;
@@ -544,5 +592,50 @@ mod tests {
             .grant(&pod_with("sa", Some("arn:aws:iam::123456789012:role/x")))
             .await;
         assert_eq!(g.unwrap(), RoleGrant::NoRole);
+    }
+
+    #[tokio::test]
+    async fn a_stamped_grant_holds_until_the_next_change_or_its_ttl() {
+        let (r, _) = resolver(&[(
+            "eks.amazonaws.com/role-arn",
+            "arn:aws:iam::123456789012:role/app",
+        )]);
+        let pod = pod_with("sa", None);
+        assert!(r.grant_now_stamped(&pod).is_none(), "not read yet");
+        r.grant(&pod).await.unwrap();
+        let (g, stamp) = r.grant_now_stamped(&pod).unwrap();
+        assert_eq!(granted(g).0, "app");
+        let stamp = stamp.unwrap();
+        let now = Instant::now();
+        assert!(r.still_granted(&stamp, now));
+        assert!(
+            !r.still_granted(&stamp, now + Duration::from_secs(61)),
+            "stale with its read"
+        );
+        // Another ServiceAccount read, or a forget, moves it on.
+        r.resolve("apps", "other").await.unwrap();
+        assert!(!r.still_granted(&stamp, now));
+        let (_, stamp) = r.grant_now_stamped(&pod).unwrap();
+        let stamp = stamp.unwrap();
+        assert!(r.still_granted(&stamp, now));
+        r.forget("apps", "sa").await;
+        assert!(!r.still_granted(&stamp, now));
+        assert!(r.grant_now_stamped(&pod).is_none(), "forgotten: read again");
+    }
+
+    #[tokio::test]
+    async fn only_grants_the_service_account_read_decides_are_stamped() {
+        let r = kube2iam_resolver(true);
+        for (sa, annotation, stamped) in [
+            ("irsa", Some("reader"), true),
+            ("plain", Some("reader"), false),
+            ("plain", None, true),
+        ] {
+            let pod = pod_with(sa, annotation);
+            let slow = r.grant(&pod).await.unwrap();
+            let (now, stamp) = r.grant_now_stamped(&pod).unwrap();
+            assert_eq!(now, slow, "{sa} {annotation:?}");
+            assert_eq!(stamp.is_some(), stamped, "{sa} {annotation:?}");
+        }
     }
 }

@@ -448,11 +448,24 @@ impl PodIndex {
 
     /// The decisive answer for `ip` from a current snapshot, without a lock.
     fn snapshot_lookup(&self, ip: IpAddr) -> Option<Lookup> {
+        self.resolve_now_at(ip).map(|(found, _)| found)
+    }
+
+    /// [`resolve_now`](Self::resolve_now) with the generation of the index it was read from:
+    /// while [`is_current`](Self::is_current) holds for that generation, nothing changed and the
+    /// answer is still the index's (what a kept-alive connection remembers of its caller).
+    pub(crate) fn resolve_now_at(&self, ip: IpAddr) -> Option<(Lookup, u64)> {
         let snap = self.snapshot.load();
         if snap.generation != self.generation.load(Ordering::Acquire) {
             return None;
         }
-        snap.by_ip.get(&ip).cloned()
+        snap.by_ip.get(&ip).map(|found| (found.clone(), snap.generation))
+    }
+
+    /// Whether the index is still at `generation`: every change (a pod, a registration, a
+    /// revocation) moves it on. One atomic load.
+    pub(crate) fn is_current(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) == generation
     }
 
     /// Rebuilds the snapshot if a change made it stale. The generation is read before the state,
@@ -1196,5 +1209,53 @@ mod tests {
             Lookup::Ambiguous,
             "two live pods on one IP"
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_current_until_the_next_change_of_any_kind() {
+        let idx = PodIndex::new();
+        let a = ip("10.0.0.1");
+        idx.upsert(pod("u1", "a", "sa", &["10.0.0.1"]));
+        assert!(idx.resolve_now_at(a).is_none(), "the snapshot is stale");
+        idx.resolve(a, Duration::ZERO).await;
+        let (found, g) = idx.resolve_now_at(a).unwrap();
+        assert!(matches!(found, Lookup::Found(p) if p.uid == "u1"));
+        assert!(idx.is_current(g));
+        assert!(idx.resolve_now_at(ip("10.0.0.2")).is_none());
+        assert!(idx.is_current(g), "a read changes nothing");
+        // Every kind of change, even to another pod or address, moves the generation on; an
+        // answer remembered at an older one is not used.
+        let changes: [(&str, &dyn Fn(&PodIndex)); 7] = [
+            ("another pod", &|i| {
+                i.upsert(pod("u9", "z", "sa", &["10.0.0.9"]));
+            }),
+            ("ADD", &|i| i.register(reg("c1", "a", &["10.0.0.1"]))),
+            ("confirm", &|i| {
+                i.confirm("c1", pod("u1", "a", "sa", &["10.0.0.1"]));
+            }),
+            ("DEL", &|i| {
+                i.unregister("c1");
+            }),
+            ("pod gone", &|i| {
+                i.remove("u1");
+            }),
+            ("relist", &|i| {
+                i.replace_all(vec![pod("u2", "b", "sa", &["10.0.0.1"])]);
+            }),
+            ("restore", &|i| {
+                i.restore(i.snapshot());
+            }),
+        ];
+        let mut g = g;
+        for (what, change) in changes {
+            change(&idx);
+            assert!(!idx.is_current(g), "{what}");
+            idx.resolve(a, Duration::ZERO).await;
+            g = match idx.resolve_now_at(a) {
+                Some((_, now)) => now,
+                None => idx.generation.load(Ordering::Acquire),
+            };
+            assert!(idx.is_current(g), "{what}");
+        }
     }
 }

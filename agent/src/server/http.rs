@@ -1,6 +1,7 @@
 //! HTTP plumbing: accept loops with connection and head limits, and the IMDS listener's
 //! request-to-reply path around the protocol's decision.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::agent::Agent;
 use super::gate::{Gate, Lane, Refusal};
 use super::redirect;
+use super::seams::{Remembered, Remembering};
 use crate::imds::{Answer, Decision, Refusal as Refused, Reply, RequestHead, UpstreamPath};
 
 /// How often a connection's watchdog looks at its progress: twice per header timeout, so a
@@ -49,16 +51,19 @@ pub(super) struct Listener {
 }
 
 /// Accepts connections until `stop`. Each one is admitted by the listener's gate (or closed at
-/// once with a reset and counted) and served by hyper with head-size and head-time limits.
-pub(super) fn serve<F, Fut>(
+/// once with a reset and counted) and served by hyper with head-size and head-time limits. Each
+/// connection has a `C` of its own, made when it is accepted, that the handler is given with
+/// each of its requests (what the connection remembers between them).
+pub(super) fn serve<F, Fut, C>(
     listener: Listener,
     stop: CancellationToken,
     drain: &Drain,
     handler: F,
 ) -> tokio::task::JoinHandle<()>
 where
-    F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Request<Incoming>, SocketAddr, &C) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Full<Bytes>>> + Send + Unpin + 'static,
+    C: Default + Send + 'static,
 {
     let drain = drain.clone();
     let Listener {
@@ -106,6 +111,7 @@ where
             let progress = Arc::new(Progress::default());
             let svc = {
                 let progress = progress.clone();
+                let memory = C::default();
                 // The handler is called here, not in a future: a reply it has at hand (a cached
                 // GET) is made without one, and hyper holds only the small future it returns.
                 service_fn(move |req: Request<Incoming>| {
@@ -113,7 +119,7 @@ where
                     let reply = if health_only && !HEALTH_PATHS.contains(&req.uri().path()) {
                         Either::Left(std::future::ready(busy()))
                     } else {
-                        Either::Right(handler(req, peer))
+                        Either::Right(handler(req, peer, &memory))
                     };
                     Answered {
                         reply,
@@ -288,17 +294,28 @@ pub(super) type Replying =
 
 impl Agent {
     /// One IMDS request: the protocol decides, the passthrough (if any) is fetched, it is counted.
-    /// A decision with every answer at hand is made here, without a future; the rest wait.
-    pub(super) fn answer(self: &Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Replying {
+    /// A decision with every answer at hand is made here, without a future, from what the
+    /// connection remembers while it holds (`seams`); the rest wait.
+    pub(super) fn answer(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        memory: &RefCell<Remembered>,
+    ) -> Replying {
         let started = Instant::now();
         let head = RequestHead {
             method: req.method(),
             path: req.uri().path(),
             headers: req.headers(),
         };
+        let seams = Remembering {
+            agent: self,
+            memory,
+            arrived: started,
+        };
         let decision = self
             .protocol
-            .decide_now(head, peer.ip().to_canonical(), self.seams());
+            .decide_now(head, peer.ip().to_canonical(), seams.seams());
         let this = self.clone();
         match decision {
             Some(Decision {
@@ -447,7 +464,7 @@ mod tests {
         };
         let stop = CancellationToken::new();
         let drain = Drain::new();
-        let server = serve(listener, stop.clone(), &drain, |req, _| {
+        let server = serve(listener, stop.clone(), &drain, |req, _, _: &()| {
             Box::pin(async move {
                 if req.uri().path() == "/slow" {
                     tokio::time::sleep(Duration::from_secs(20)).await;

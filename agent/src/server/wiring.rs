@@ -1,6 +1,7 @@
 //! `run_with`: the agent's life: assemble, start the watch, the registration socket, the
 //! refresher and the listeners, serve until shutdown or a fatal error, then drain.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::agent::Agent;
 use super::gate::{Caps, Gate};
 use super::rule::install_rule;
+use super::seams::Remembered;
 use super::{Deps, Listeners, RunError, http, ops};
 use crate::config::ValidConfig;
 use crate::identity::freshness::REFRESH_SCAN;
@@ -161,13 +163,16 @@ pub async fn run_with(
     };
     let imds_task = {
         let agent = agent.clone();
-        http::serve(imds, stop.clone(), &drain, move |req, peer| {
-            agent.answer(req, peer)
-        })
+        http::serve(
+            imds,
+            stop.clone(),
+            &drain,
+            move |req, peer, memory: &RefCell<Remembered>| agent.answer(req, peer, memory),
+        )
     };
     let ops_task = {
         let agent = agent.clone();
-        http::serve(ops, stop.clone(), &drain, move |req, _| {
+        http::serve(ops, stop.clone(), &drain, move |req, _, _: &()| {
             std::future::ready(ops::respond(
                 &req,
                 &agent.index,
