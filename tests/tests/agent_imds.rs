@@ -379,7 +379,10 @@ async fn a_kept_alive_connection_sees_each_change_like_a_new_one() {
     assert_eq!(first.status, StatusCode::OK);
     let again = conn.get(&format!("{CREDS}reader")).await.unwrap();
     assert_eq!(key(&again), key(&first));
-    assert_eq!(key(&again), creds_json(&b, ip, "reader").await["AccessKeyId"]);
+    assert_eq!(
+        key(&again),
+        creds_json(&b, ip, "reader").await["AccessKeyId"]
+    );
 
     b.kube.delete_pod("apps", "kept");
     wait_for(Duration::from_secs(10), || async {
@@ -394,7 +397,10 @@ async fn a_kept_alive_connection_sees_each_change_like_a_new_one() {
     let writer = conn.get(&format!("{CREDS}writer")).await.unwrap();
     assert_eq!(writer.status, StatusCode::OK);
     assert_ne!(key(&writer), key(&first));
-    assert_eq!(key(&writer), creds_json(&b, ip, "writer").await["AccessKeyId"]);
+    assert_eq!(
+        key(&writer),
+        creds_json(&b, ip, "writer").await["AccessKeyId"]
+    );
     let old_role = conn.get(&format!("{CREDS}reader")).await.unwrap();
     assert_eq!(old_role.status, StatusCode::NOT_FOUND);
     let last = b.sts.calls().pop().unwrap();
@@ -419,7 +425,10 @@ async fn a_kept_alive_connection_sees_each_change_like_a_new_one() {
     let reader = conn.get(&format!("{CREDS}reader")).await.unwrap();
     assert_eq!(reader.status, StatusCode::OK);
     assert_ne!(key(&reader), key(&first));
-    assert_eq!(key(&reader), creds_json(&b, ip, "reader").await["AccessKeyId"]);
+    assert_eq!(
+        key(&reader),
+        creds_json(&b, ip, "reader").await["AccessKeyId"]
+    );
     let last = b.sts.calls().pop().unwrap();
     assert_eq!(
         (last.role_arn.as_str(), last.role_session_name.as_str()),

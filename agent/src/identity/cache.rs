@@ -1158,7 +1158,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_remembered_slot_answers_as_get_now_until_the_index_changes() {
         let b = bed_with(SessionScope::ServiceAccount, 1000);
-        assert!(b.cache.get_now_ref(&b.pod, &b.role).is_none(), "nothing yet");
+        assert!(
+            b.cache.get_now_ref(&b.pod, &b.role).is_none(),
+            "nothing yet"
+        );
         let first = b.cache.get(&b.pod, &b.role).await.unwrap();
         let (served, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
         assert_eq!(served.creds.access_key_id, first.access_key_id);
@@ -1170,7 +1173,11 @@ mod tests {
         assert_ne!(renewed.creds.access_key_id, first.access_key_id);
         assert_eq!(
             renewed.creds.access_key_id,
-            b.cache.get_now(&b.pod, &b.role).unwrap().creds.access_key_id
+            b.cache
+                .get_now(&b.pod, &b.role)
+                .unwrap()
+                .creds
+                .access_key_id
         );
         assert!(b.cache.still_indexed(&at));
         // Another pod joining the session changes no slot; one leaving it does.

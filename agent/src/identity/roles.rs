@@ -273,7 +273,10 @@ impl RoleResolver {
     /// while [`still_granted`](Self::still_granted) says so, `grant_now` gives the same answer
     /// for the pod (what a kept-alive connection remembers of its caller). No stamp for a
     /// kube2iam grant, which has a cache of its own.
-    pub(crate) fn grant_now_stamped(&self, pod: &PodInfo) -> Option<(RoleGrant, Option<GrantStamp>)> {
+    pub(crate) fn grant_now_stamped(
+        &self,
+        pod: &PodInfo,
+    ) -> Option<(RoleGrant, Option<GrantStamp>)> {
         // Read before `recent`, and moved on after it changes: a stamp is never newer than what
         // it vouches for.
         let generation = self.generation.load(Ordering::Acquire);

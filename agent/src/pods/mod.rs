@@ -459,7 +459,9 @@ impl PodIndex {
         if snap.generation != self.generation.load(Ordering::Acquire) {
             return None;
         }
-        snap.by_ip.get(&ip).map(|found| (found.clone(), snap.generation))
+        snap.by_ip
+            .get(&ip)
+            .map(|found| (found.clone(), snap.generation))
     }
 
     /// Whether the index is still at `generation`: every change (a pod, a registration, a

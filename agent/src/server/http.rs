@@ -1,13 +1,12 @@
 //! HTTP plumbing: accept loops with connection and head limits, and the IMDS listener's
 //! request-to-reply path around the protocol's decision.
 
-use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
@@ -300,7 +299,7 @@ impl Agent {
         self: &Arc<Self>,
         req: Request<Incoming>,
         peer: SocketAddr,
-        memory: &RefCell<Remembered>,
+        memory: &Mutex<Remembered>,
     ) -> Replying {
         let started = Instant::now();
         let head = RequestHead {

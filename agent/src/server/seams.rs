@@ -8,9 +8,8 @@
 //! or dropped) moves its part's generation on, so the next request looks up again, exactly as
 //! one without a memory would; credentials are read from the slot on every request.
 
-use std::cell::RefCell;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -94,7 +93,7 @@ struct Caller {
 /// answers are the agent's.
 pub(super) struct Remembering<'a> {
     pub(super) agent: &'a Agent,
-    pub(super) memory: &'a RefCell<Remembered>,
+    pub(super) memory: &'a Mutex<Remembered>,
     /// When the request arrived: a remembered role holds while its ServiceAccount read is not
     /// stale at this instant.
     pub(super) arrived: Instant,
@@ -113,7 +112,7 @@ impl Remembering<'_> {
 
 impl Callers for Remembering<'_> {
     fn identify_now(&self, ip: IpAddr) -> Option<Lookup> {
-        let Ok(mut memory) = self.memory.try_borrow_mut() else {
+        let Ok(mut memory) = self.memory.try_lock() else {
             return self.agent.identify_now(ip);
         };
         if let Some(c) = &memory.caller
@@ -155,7 +154,7 @@ impl Callers for Remembering<'_> {
 
 impl Roles for Remembering<'_> {
     fn role_now(&self, pod: &PodInfo) -> Option<RoleGrant> {
-        let Ok(mut memory) = self.memory.try_borrow_mut() else {
+        let Ok(mut memory) = self.memory.try_lock() else {
             return self.agent.role_now(pod);
         };
         let Some(c) = memory
@@ -185,14 +184,10 @@ impl Roles for Remembering<'_> {
 
 impl CredentialSource for Remembering<'_> {
     fn credentials_now(&self, pod: &Arc<PodInfo>, role: &Arc<RoleSpec>) -> Option<Arc<Served>> {
-        let Ok(mut memory) = self.memory.try_borrow_mut() else {
+        let Ok(mut memory) = self.memory.try_lock() else {
             return self.agent.credentials_now(pod, role);
         };
-        let Some(c) = memory
-            .caller
-            .as_mut()
-            .filter(|c| Arc::ptr_eq(&c.pod, pod))
-        else {
+        let Some(c) = memory.caller.as_mut().filter(|c| Arc::ptr_eq(&c.pod, pod)) else {
             return self.agent.credentials_now(pod, role);
         };
         if let Some((_, slot)) = c
@@ -220,7 +215,6 @@ impl CredentialSource for Remembering<'_> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
-    use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, SystemTime};
 
@@ -377,7 +371,7 @@ mod tests {
     struct Connection<'a> {
         agent: &'a Agent,
         ip: IpAddr,
-        memory: RefCell<Remembered>,
+        memory: Mutex<Remembered>,
     }
 
     impl Connection<'_> {
@@ -434,7 +428,8 @@ mod tests {
 
         fn remembers_everything(&self) -> bool {
             self.memory
-                .borrow()
+                .lock()
+                .unwrap()
                 .caller
                 .as_ref()
                 .is_some_and(|c| c.role.is_some() && c.slot.is_some())
@@ -453,7 +448,7 @@ mod tests {
         let conn = Connection {
             agent: &agent,
             ip,
-            memory: RefCell::new(Remembered::default()),
+            memory: Mutex::new(Remembered::default()),
         };
         agent.index.upsert(pod("u1", "old", "reader", ip));
         assert_eq!(conn.now(&format!("{CREDS}reader")), None, "nothing at hand");
@@ -461,7 +456,10 @@ mod tests {
         let first = conn.body("reader").unwrap();
         assert!(conn.remembers_everything());
         assert_eq!(conn.body("reader").unwrap(), first, "from memory");
-        assert!(conn.now(&format!("{CREDS}writer")).is_some(), "wrong role name");
+        assert!(
+            conn.now(&format!("{CREDS}writer")).is_some(),
+            "wrong role name"
+        );
 
         // A change to another pod: this one's answer stands.
         agent
@@ -485,7 +483,11 @@ mod tests {
         agent.roles.forget("apps", "reader").await;
         assert_eq!(conn.body("reader"), None);
         conn.waited(CREDS).await;
-        assert_eq!(conn.now(&format!("{CREDS}reader")).map(|d| d.refused.is_some()), Some(true));
+        assert_eq!(
+            conn.now(&format!("{CREDS}reader"))
+                .map(|d| d.refused.is_some()),
+            Some(true)
+        );
         conn.waited(&format!("{CREDS}auditor")).await;
         let auditor = conn.body("auditor").unwrap();
         assert!(conn.remembers_everything());

@@ -1,9 +1,8 @@
 //! `run_with`: the agent's life: assemble, start the watch, the registration socket, the
 //! refresher and the listeners, serve until shutdown or a fatal error, then drain.
 
-use std::cell::RefCell;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -167,7 +166,7 @@ pub async fn run_with(
             imds,
             stop.clone(),
             &drain,
-            move |req, peer, memory: &RefCell<Remembered>| agent.answer(req, peer, memory),
+            move |req, peer, memory: &Mutex<Remembered>| agent.answer(req, peer, memory),
         )
     };
     let ops_task = {
