@@ -1227,7 +1227,8 @@ mod tests {
         assert!(idx.is_current(g), "a read changes nothing");
         // Every kind of change, even to another pod or address, moves the generation on; an
         // answer remembered at an older one is not used.
-        let changes: [(&str, &dyn Fn(&PodIndex)); 7] = [
+        type Step<'a> = (&'a str, &'a dyn Fn(&PodIndex));
+        let changes: [Step; 7] = [
             ("another pod", &|i| {
                 i.upsert(pod("u9", "z", "sa", &["10.0.0.9"]));
             }),
