@@ -357,7 +357,7 @@ async fn ip_reuse_never_leaks_the_previous_pods_role() {
                 ));
             }
             // Over the kept connection too (less often: each waits the bounded pod wait).
-            if i % 50 == 0 {
+            if i % 100 == 0 {
                 kept_gap_checks += 1;
                 let gap = kept.get(CREDS).await.unwrap();
                 if gap.status != StatusCode::NOT_FOUND {
