@@ -887,11 +887,11 @@ fn unindex_reg(st: &mut State, reg: &Registration) {
 mod tests {
     use super::*;
 
-    fn ip(s: &str) -> IpAddr {
+    pub(super) fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
 
-    fn pod(uid: &str, name: &str, sa: &str, ips: &[&str]) -> PodInfo {
+    pub(super) fn pod(uid: &str, name: &str, sa: &str, ips: &[&str]) -> PodInfo {
         PodInfo {
             uid: uid.into(),
             namespace: "ns".into(),
@@ -905,7 +905,7 @@ mod tests {
         }
     }
 
-    fn reg(cid: &str, name: &str, ips: &[&str]) -> Registration {
+    pub(super) fn reg(cid: &str, name: &str, ips: &[&str]) -> Registration {
         Registration {
             container_id: cid.into(),
             namespace: "ns".into(),
@@ -1262,3 +1262,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod index_tests;
