@@ -671,3 +671,63 @@ fn a_superseded_pod_stays_revoked_after_its_successors_del() {
     idx.unregister("c2");
     assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
 }
+
+/// A state with the given sandboxes all registered on `addr`, built directly: the index's own
+/// paths let the newest ADD of an IP supersede the others, so this is the lookup's rule alone.
+fn sandboxes_on(addr: &str, entries: Vec<(&str, &str, Option<PodInfo>)>) -> State {
+    let mut st = State::default();
+    for (cid, name, confirmed) in entries {
+        st.reg_by_ip
+            .entry(ip(addr))
+            .or_default()
+            .push(cid.to_string());
+        st.regs.insert(
+            cid.to_string(),
+            RegEntry {
+                reg: reg(cid, name, &[addr]),
+                uid: None,
+                confirmed: confirmed.map(Arc::new),
+            },
+        );
+    }
+    st
+}
+
+#[test]
+fn two_pods_registered_on_one_ip_are_refused_two_sandboxes_of_one_pod_are_not() {
+    let two_pods = sandboxes_on(
+        "10.0.0.1",
+        vec![
+            ("c1", "a", Some(pod("u1", "a", "sa", &[]))),
+            ("c2", "b", Some(pod("u2", "b", "sa", &[]))),
+        ],
+    );
+    assert_eq!(two_pods.lookup(ip("10.0.0.1")), Lookup::Ambiguous);
+    let one_pod = sandboxes_on(
+        "10.0.0.1",
+        vec![
+            ("c1", "a", Some(pod("u1", "a", "sa", &[]))),
+            ("c1b", "a", Some(pod("u1", "a", "sa", &[]))),
+        ],
+    );
+    assert_eq!(
+        found_uid(one_pod.lookup(ip("10.0.0.1"))).as_deref(),
+        Some("u1")
+    );
+}
+
+#[test]
+fn the_read_after_add_beats_an_older_same_name_pod_in_the_watch() {
+    // The sandbox's uid left unset, so only the lookup's own preference decides.
+    let mut st = sandboxes_on(
+        "10.0.0.1",
+        vec![("c2", "web-0", Some(pod("u2", "web-0", "sa", &[])))],
+    );
+    let old = Arc::new(pod("u1", "web-0", "sa", &["10.0.0.1"]));
+    st.pods.insert("u1".into(), old.clone());
+    st.index_pod(&old);
+    assert_eq!(
+        found_uid(st.lookup(ip("10.0.0.1"))).as_deref(),
+        Some("u2")
+    );
+}
