@@ -731,3 +731,21 @@ fn the_read_after_add_beats_an_older_same_name_pod_in_the_watch() {
         Some("u2")
     );
 }
+
+#[test]
+fn a_sandbox_added_again_with_another_ip_no_longer_holds_the_old_one() {
+    let idx = PodIndex::new();
+    idx.register(reg("c1", "a", &["10.0.0.1"]));
+    assert!(idx.confirm("c1", pod("u1", "a", "sa", &[])));
+    idx.register(reg("c2", "b", &["10.0.0.3"]));
+    assert_eq!(found_uid(idx.lookup(ip("10.0.0.1"))).as_deref(), Some("u1"));
+    // The runtime retries the ADD of the same sandbox and IPAM hands out another address.
+    idx.register(reg("c1", "a", &["10.0.0.2"]));
+    assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
+    assert_eq!(idx.holders(ip("10.0.0.1")), Vec::new());
+    assert_eq!(idx.lookup(ip("10.0.0.2")), Lookup::Pending);
+    // Its DEL frees the new address; the other sandbox keeps its own.
+    idx.unregister("c1");
+    assert_eq!(idx.holders(ip("10.0.0.2")), Vec::new());
+    assert_eq!(idx.lookup(ip("10.0.0.3")), Lookup::Pending);
+}
