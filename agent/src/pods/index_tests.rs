@@ -79,7 +79,11 @@ fn a_pod_object_is_trimmed_to_what_identifies_it() {
     })
     .unwrap()
     .ips;
-    assert_eq!(ips, vec![ip("10.0.0.2")], "an unparsable address is skipped");
+    assert_eq!(
+        ips,
+        vec![ip("10.0.0.2")],
+        "an unparsable address is skipped"
+    );
     let hn = trimmed(|p| p.spec.as_mut().unwrap().host_network = Some(true)).unwrap();
     assert!(hn.host_network);
 }
@@ -169,7 +173,11 @@ fn only_a_pod_that_neither_ended_nor_shares_the_node_network_is_live() {
         let mut p = pod("u1", "a", "sa", &["10.0.0.1"]);
         p.terminal = terminal;
         p.host_network = host_network;
-        assert_eq!(p.live(), live, "terminal {terminal}, hostNetwork {host_network}");
+        assert_eq!(
+            p.live(),
+            live,
+            "terminal {terminal}, hostNetwork {host_network}"
+        );
     }
 }
 
@@ -203,7 +211,10 @@ fn a_revocation_names_its_pod_by_uid_when_known_else_by_name() {
         !by_uid.matches(&pod("u2", "web-0", "sa", &[])),
         "same name, new pod"
     );
-    let by_name = Revocation { uid: None, ..by_uid };
+    let by_name = Revocation {
+        uid: None,
+        ..by_uid
+    };
     assert!(by_name.matches(&pod("u2", "web-0", "sa", &[])));
     assert!(!by_name.matches(&pod("u2", "web-1", "sa", &[])));
     let mut elsewhere = pod("u2", "web-0", "sa", &[]);
@@ -254,7 +265,10 @@ fn revocations_per_ip_are_bounded_oldest_first_and_never_doubled() {
     assert_eq!(names, want, "the oldest (p00) went, the other 64 stay");
     // The dropped one may match again; the others may not.
     idx.upsert(pod("u00", "p00", "sa", &["10.0.0.1"]));
-    assert_eq!(found_uid(idx.lookup(ip("10.0.0.1"))).as_deref(), Some("u00"));
+    assert_eq!(
+        found_uid(idx.lookup(ip("10.0.0.1"))).as_deref(),
+        Some("u00")
+    );
     idx.remove("u00");
     idx.upsert(pod("u01", "p01", "sa", &["10.0.0.1"]));
     assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Unknown);
@@ -333,7 +347,10 @@ fn the_watch_seeing_a_pod_go_clears_its_revocations_and_only_theirs() {
         (ip("10.0.0.2"), "web-0".to_string()),
     ];
     assert_eq!(names(&st), want);
-    assert!(!st.revoked.contains_key(&ip("10.0.0.3")), "left empty: dropped");
+    assert!(
+        !st.revoked.contains_key(&ip("10.0.0.3")),
+        "left empty: dropped"
+    );
     assert_eq!(st.revoked[&ip("10.0.0.1")][0].uid.as_deref(), Some("u2"));
     // Never seen with an IP: its name's revocations go on every IP (not u2's, by uid).
     st.clear_revocations(&pod("u7", "web-0", "sa", &[]));
@@ -529,14 +546,20 @@ fn a_saved_registration_listing_an_ip_twice_still_names_one_pod() {
 #[test]
 fn confirm_checks_namespace_name_and_known_uid() {
     let idx = PodIndex::new();
-    assert!(!idx.confirm("nope", pod("u1", "a", "sa", &[])), "no such sandbox");
+    assert!(
+        !idx.confirm("nope", pod("u1", "a", "sa", &[])),
+        "no such sandbox"
+    );
     idx.register(reg("c1", "a", &["10.0.0.1"]));
     let mut elsewhere = pod("u1", "a", "sa", &[]);
     elsewhere.namespace = "other".into();
     assert!(!idx.confirm("c1", elsewhere));
     assert_eq!(idx.lookup(ip("10.0.0.1")), Lookup::Pending);
     assert!(idx.confirm("c1", pod("u1", "a", "sa", &[])));
-    assert!(idx.confirm("c1", pod("u1", "a", "sb", &[])), "the same pod again");
+    assert!(
+        idx.confirm("c1", pod("u1", "a", "sb", &[])),
+        "the same pod again"
+    );
     assert!(!idx.confirm("c1", pod("u2", "a", "sa", &[])), "another uid");
     assert!(matches!(idx.lookup(ip("10.0.0.1")),
         Lookup::Found(p) if p.uid == "u1" && p.service_account == "sb"));
@@ -611,7 +634,11 @@ fn trace_and_holders_show_where_the_index_knows_a_pod_from() {
             .map(|(ns, n)| format!("{ns}/{n}"))
             .collect::<Vec<_>>()
     };
-    assert_eq!(names("10.0.0.1"), ["ns/a", "ns/b"], "watch and registration, once each");
+    assert_eq!(
+        names("10.0.0.1"),
+        ["ns/a", "ns/b"],
+        "watch and registration, once each"
+    );
     assert_eq!(names("10.0.0.3"), ["ns/a"]);
     assert_eq!(names("10.0.0.8"), ["other/a"]);
     assert_eq!(names("10.0.0.7"), Vec::<String>::new());
@@ -627,7 +654,9 @@ async fn the_lock_free_answer_is_only_a_current_decisive_one() {
     assert_eq!(idx.resolve(ip("10.0.0.2"), wait).await, Lookup::Pending);
     // The slow path built the snapshot: the found pod is in it, the pending one is not.
     assert_eq!(
-        idx.resolve_now(ip("10.0.0.1")).and_then(found_uid).as_deref(),
+        idx.resolve_now(ip("10.0.0.1"))
+            .and_then(found_uid)
+            .as_deref(),
         Some("u1")
     );
     assert_eq!(idx.resolve_now(ip("10.0.0.2")), None);
@@ -638,8 +667,14 @@ async fn the_lock_free_answer_is_only_a_current_decisive_one() {
     assert_eq!(idx.resolve(ip("10.0.0.1"), wait).await, Lookup::Unknown);
     idx.upsert(pod("u3", "c", "sa", &["10.0.0.3"]));
     assert_eq!(idx.resolve_now(ip("10.0.0.3")), None);
-    assert!(matches!(idx.resolve(ip("10.0.0.3"), wait).await, Lookup::Found(_)));
-    assert!(matches!(idx.resolve_now(ip("10.0.0.3")), Some(Lookup::Found(_))));
+    assert!(matches!(
+        idx.resolve(ip("10.0.0.3"), wait).await,
+        Lookup::Found(_)
+    ));
+    assert!(matches!(
+        idx.resolve_now(ip("10.0.0.3")),
+        Some(Lookup::Found(_))
+    ));
 }
 
 #[test]
@@ -726,10 +761,7 @@ fn the_read_after_add_beats_an_older_same_name_pod_in_the_watch() {
     let old = Arc::new(pod("u1", "web-0", "sa", &["10.0.0.1"]));
     st.pods.insert("u1".into(), old.clone());
     st.index_pod(&old);
-    assert_eq!(
-        found_uid(st.lookup(ip("10.0.0.1"))).as_deref(),
-        Some("u2")
-    );
+    assert_eq!(found_uid(st.lookup(ip("10.0.0.1"))).as_deref(), Some("u2"));
 }
 
 #[test]
