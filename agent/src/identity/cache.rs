@@ -912,6 +912,8 @@ mod tests {
         sessions: Mutex<Vec<String>>,
         tokens: Mutex<Vec<String>>,
         lifetime: Mutex<Duration>,
+        /// When each call came (tokio's clock).
+        at: Mutex<Vec<tokio::time::Instant>>,
     }
     impl RoleExchange for FakeSts {
         fn assume<'a>(
@@ -921,6 +923,7 @@ mod tests {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             lock(&self.sessions).push(req.session_name.clone());
             lock(&self.tokens).push(req.web_identity_token.expose().to_string());
+            lock(&self.at).push(tokio::time::Instant::now());
             let fail = lock(&self.failures).pop();
             let down = self.down.load(Ordering::SeqCst);
             let now = self.clock.now();
@@ -955,6 +958,54 @@ mod tests {
         role: Arc<RoleSpec>,
     }
 
+    /// Every async test runs on tokio's paused clock within this much virtual time: a test that
+    /// would wait forever (a limiter that never lets a caller start) fails at once instead of
+    /// hanging, since an idle runtime jumps its clock to the next timer.
+    const TEST_DEADLINE: Duration = Duration::from_secs(120);
+
+    async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(TEST_DEADLINE, test)
+            .await
+            .expect("the test outlived its deadline (virtual time): something waits forever")
+    }
+
+    /// Waits (virtual time) until `done` holds; fails after `within`.
+    async fn wait_for(what: &str, within: Duration, done: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn refusal() -> IdentityError {
+        IdentityError::StsRejected {
+            code: "AccessDenied".into(),
+            message: "not trusted".into(),
+        }
+    }
+
+    fn throttled() -> IdentityError {
+        IdentityError::StsUnavailable {
+            code: "Throttling".into(),
+            message: "slow down".into(),
+        }
+    }
+
+    fn calls(b: &Bed) -> usize {
+        b.sts.calls.load(Ordering::SeqCst)
+    }
+
+    fn key(c: &Result<Credentials, IdentityError>) -> &str {
+        &c.as_ref().expect("credentials").access_key_id
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+    const MINUTE: Duration = Duration::from_secs(60);
+
     fn bed() -> Bed {
         bed_with(SessionScope::Pod, 1000)
     }
@@ -972,6 +1023,7 @@ mod tests {
             sessions: Mutex::new(vec![]),
             tokens: Mutex::new(vec![]),
             lifetime: Mutex::new(Duration::from_secs(3600)),
+            at: Mutex::new(vec![]),
         });
         let settings = CacheSettings {
             duration: Duration::from_secs(3600),
@@ -1019,140 +1071,161 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_first_requests_cost_one_token_request_and_one_sts_call() {
-        let b = bed();
-        let gets = (0..200).map(|_| {
-            let (c, p, r) = (b.cache.clone(), b.pod.clone(), b.role.clone());
-            tokio::spawn(async move { c.get(&p, &r).await })
-        });
-        let results = futures::future::join_all(gets).await;
-        let keys: HashSet<String> = results
-            .into_iter()
-            .map(|r| r.unwrap().unwrap().access_key_id)
-            .collect();
-        assert_eq!(keys.len(), 1, "everyone got the same credentials");
-        assert_eq!(b.minter.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(lock(&b.sts.sessions)[0], "team.api-0");
+        bounded(async {
+            let b = bed();
+            let gets = (0..200).map(|_| {
+                let (c, p, r) = (b.cache.clone(), b.pod.clone(), b.role.clone());
+                tokio::spawn(async move { c.get(&p, &r).await })
+            });
+            let results = futures::future::join_all(gets).await;
+            let keys: HashSet<String> = results
+                .into_iter()
+                .map(|r| r.unwrap().unwrap().access_key_id)
+                .collect();
+            assert_eq!(keys.len(), 1, "everyone got the same credentials");
+            assert_eq!(b.minter.calls.load(Ordering::SeqCst), 1);
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+            assert_eq!(lock(&b.sts.sessions)[0], "team.api-0");
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn concurrent_requests_for_a_refused_role_cost_one_sts_call() {
-        let b = bed();
-        *lock(&b.sts.failures) = (0..50)
-            .map(|_| IdentityError::StsRejected {
-                code: "AccessDenied".into(),
-                message: "not trusted".into(),
-            })
-            .collect();
-        let gets = (0..50).map(|_| {
-            let (c, p, r) = (b.cache.clone(), b.pod.clone(), b.role.clone());
-            tokio::spawn(async move { c.get(&p, &r).await })
-        });
-        for r in futures::future::join_all(gets).await {
-            assert!(matches!(r.unwrap(), Err(IdentityError::StsRejected { .. })));
-        }
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
-        let view = b.cache.describe(&b.pod, &b.role.role_arn);
-        assert!(view.cached && view.expiration.is_none());
-        assert!(view.refused_until.is_some() && view.last_error.is_some());
-        assert_eq!(b.cache.stats(), (0, Duration::ZERO));
+        bounded(async {
+            let b = bed();
+            *lock(&b.sts.failures) = (0..50)
+                .map(|_| IdentityError::StsRejected {
+                    code: "AccessDenied".into(),
+                    message: "not trusted".into(),
+                })
+                .collect();
+            let gets = (0..50).map(|_| {
+                let (c, p, r) = (b.cache.clone(), b.pod.clone(), b.role.clone());
+                tokio::spawn(async move { c.get(&p, &r).await })
+            });
+            for r in futures::future::join_all(gets).await {
+                assert!(matches!(r.unwrap(), Err(IdentityError::StsRejected { .. })));
+            }
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+            let view = b.cache.describe(&b.pod, &b.role.role_arn);
+            assert!(view.cached && view.expiration.is_none());
+            assert!(view.refused_until.is_some() && view.last_error.is_some());
+            assert_eq!(b.cache.stats(), (0, Duration::ZERO));
+        })
+        .await
     }
 
     use std::collections::HashSet;
 
     #[tokio::test(start_paused = true)]
     async fn credentials_are_refreshed_before_thirty_minutes_are_left() {
-        let b = bed();
-        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
-        // 14 minutes in: 46 left, not yet due.
-        b.clock.advance(Duration::from_secs(14 * 60));
-        assert_eq!(b.cache.refresh_due().await, 0);
-        // 18 minutes in: 42 left, past the refresh point (45 minutes less up to 3 of spread); the
-        // background refresher replaces them.
-        b.clock.advance(Duration::from_secs(4 * 60));
-        assert_eq!(b.cache.refresh_due().await, 1);
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
-        let second = b.cache.get(&b.pod, &b.role).await.unwrap();
-        assert_ne!(first.access_key_id, second.access_key_id);
-        // Walk an hour in 5-minute steps, refreshing as the refresher would: every answer keeps 30 minutes.
-        for _ in 0..24 {
-            b.clock.advance(Duration::from_secs(5 * 60));
-            b.cache.refresh_due().await;
-            let c = b.cache.get(&b.pod, &b.role).await.unwrap();
-            assert!(remaining(&c, b.clock.now()) >= MIN_SERVED_REMAINING);
-        }
+        bounded(async {
+            let b = bed();
+            let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+            // 14 minutes in: 46 left, not yet due.
+            b.clock.advance(Duration::from_secs(14 * 60));
+            assert_eq!(b.cache.refresh_due().await, 0);
+            // 18 minutes in: 42 left, past the refresh point (45 minutes less up to 3 of spread); the
+            // background refresher replaces them.
+            b.clock.advance(Duration::from_secs(4 * 60));
+            assert_eq!(b.cache.refresh_due().await, 1);
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+            let second = b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_ne!(first.access_key_id, second.access_key_id);
+            // Walk an hour in 5-minute steps, refreshing as the refresher would: every answer keeps 30 minutes.
+            for _ in 0..24 {
+                b.clock.advance(Duration::from_secs(5 * 60));
+                b.cache.refresh_due().await;
+                let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+                assert!(remaining(&c, b.clock.now()) >= MIN_SERVED_REMAINING);
+            }
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_inside_the_last_thirty_minutes_fetches_fresh_ones() {
-        let b = bed();
-        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
-        b.clock.advance(Duration::from_secs(31 * 60));
-        let c = b.cache.get(&b.pod, &b.role).await.unwrap();
-        assert_ne!(c.access_key_id, first.access_key_id);
-        assert!(remaining(&c, b.clock.now()) >= MIN_SERVED_REMAINING);
+        bounded(async {
+            let b = bed();
+            let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+            b.clock.advance(Duration::from_secs(31 * 60));
+            let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_ne!(c.access_key_id, first.access_key_id);
+            assert!(remaining(&c, b.clock.now()) >= MIN_SERVED_REMAINING);
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn sts_down_serves_unexpired_but_never_expired_credentials() {
-        let b = bed();
-        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
-        b.sts.down.store(true, Ordering::SeqCst);
-        b.clock.advance(Duration::from_secs(50 * 60));
-        let c = b.cache.get(&b.pod, &b.role).await.unwrap();
-        assert_eq!(
-            c.access_key_id, first.access_key_id,
-            "still valid: served while STS is down"
-        );
-        b.clock.advance(Duration::from_secs(10 * 60));
-        assert!(
-            b.cache.get(&b.pod, &b.role).await.is_err(),
-            "expired: never served"
-        );
+        bounded(async {
+            let b = bed();
+            let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+            b.sts.down.store(true, Ordering::SeqCst);
+            b.clock.advance(Duration::from_secs(50 * 60));
+            let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_eq!(
+                c.access_key_id, first.access_key_id,
+                "still valid: served while STS is down"
+            );
+            b.clock.advance(Duration::from_secs(10 * 60));
+            assert!(
+                b.cache.get(&b.pod, &b.role).await.is_err(),
+                "expired: never served"
+            );
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn throttling_is_retried_and_access_denied_is_not() {
-        let b = bed();
-        lock(&b.sts.failures).push(IdentityError::StsUnavailable {
-            code: "Throttling".into(),
-            message: "slow down".into(),
-        });
-        assert!(b.cache.get(&b.pod, &b.role).await.is_ok());
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+        bounded(async {
+            let b = bed();
+            lock(&b.sts.failures).push(IdentityError::StsUnavailable {
+                code: "Throttling".into(),
+                message: "slow down".into(),
+            });
+            assert!(b.cache.get(&b.pod, &b.role).await.is_ok());
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
 
-        let b = bed();
-        lock(&b.sts.failures).push(IdentityError::StsRejected {
-            code: "AccessDenied".into(),
-            message: "no".into(),
-        });
-        assert!(matches!(
-            b.cache.get(&b.pod, &b.role).await,
-            Err(IdentityError::StsRejected { .. })
-        ));
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
-        // Remembered: a second request does not hammer STS...
-        assert!(b.cache.get(&b.pod, &b.role).await.is_err());
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
-        // ...until the refusal ages out.
-        b.clock.advance(Duration::from_secs(31));
-        assert!(b.cache.get(&b.pod, &b.role).await.is_ok());
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+            let b = bed();
+            lock(&b.sts.failures).push(IdentityError::StsRejected {
+                code: "AccessDenied".into(),
+                message: "no".into(),
+            });
+            assert!(matches!(
+                b.cache.get(&b.pod, &b.role).await,
+                Err(IdentityError::StsRejected { .. })
+            ));
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+            // Remembered: a second request does not hammer STS...
+            assert!(b.cache.get(&b.pod, &b.role).await.is_err());
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+            // ...until the refusal ages out.
+            b.clock.advance(Duration::from_secs(31));
+            assert!(b.cache.get(&b.pod, &b.role).await.is_ok());
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn evicted_pod_credentials_are_gone_at_once() {
-        let b = bed();
-        b.cache.get(&b.pod, &b.role).await.unwrap();
-        assert!(b.cache.has_pod("uid-1"));
-        b.cache.evict_pod("uid-1");
-        assert!(!b.cache.has_pod("uid-1"));
-        b.cache.get(&b.pod, &b.role).await.unwrap();
-        assert_eq!(
-            b.sts.calls.load(Ordering::SeqCst),
-            2,
-            "a new fetch after eviction"
-        );
+        bounded(async {
+            let b = bed();
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert!(b.cache.has_pod("uid-1"));
+            b.cache.evict_pod("uid-1");
+            assert!(!b.cache.has_pod("uid-1"));
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_eq!(
+                b.sts.calls.load(Ordering::SeqCst),
+                2,
+                "a new fetch after eviction"
+            );
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
@@ -1202,40 +1275,46 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn limiter_spreads_a_crowd_over_time() {
-        let l = Limiter::new(100, 10);
-        let t0 = tokio::time::Instant::now();
-        for _ in 0..30 {
-            drop(l.acquire(Priority::Background).await);
-        }
-        // 10 per second, evenly.
-        assert!(
-            t0.elapsed() >= Duration::from_millis(2900),
-            "{:?}",
-            t0.elapsed()
-        );
+        bounded(async {
+            let l = Limiter::new(100, 10);
+            let t0 = tokio::time::Instant::now();
+            for _ in 0..30 {
+                drop(l.acquire(Priority::Background).await);
+            }
+            // 10 per second, evenly.
+            assert!(
+                t0.elapsed() >= Duration::from_millis(2900),
+                "{:?}",
+                t0.elapsed()
+            );
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn short_sessions_are_not_refetched_on_every_request() {
-        let b = bed();
-        *lock(&b.sts.lifetime) = Duration::from_secs(20 * 60);
-        for _ in 0..50 {
-            b.cache.get(&b.pod, &b.role).await.unwrap();
-        }
-        assert_eq!(
-            b.cache.refresh_due().await,
-            1,
-            "due, but too young to refresh"
-        );
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
-        b.clock.advance(Duration::from_secs(6 * 60));
-        let c = b.cache.get(&b.pod, &b.role).await.unwrap();
-        assert_eq!(
-            b.sts.calls.load(Ordering::SeqCst),
-            2,
-            "refetched once the grace passed"
-        );
-        assert!(remaining(&c, b.clock.now()) > Duration::from_secs(19 * 60));
+        bounded(async {
+            let b = bed();
+            *lock(&b.sts.lifetime) = Duration::from_secs(20 * 60);
+            for _ in 0..50 {
+                b.cache.get(&b.pod, &b.role).await.unwrap();
+            }
+            assert_eq!(
+                b.cache.refresh_due().await,
+                1,
+                "due, but too young to refresh"
+            );
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+            b.clock.advance(Duration::from_secs(6 * 60));
+            let c = b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_eq!(
+                b.sts.calls.load(Ordering::SeqCst),
+                2,
+                "refetched once the grace passed"
+            );
+            assert!(remaining(&c, b.clock.now()) > Duration::from_secs(19 * 60));
+        })
+        .await
     }
 
     fn other_pod(b: &Bed, i: usize) -> Arc<PodInfo> {
@@ -1248,104 +1327,116 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_urgent_exchange_goes_ahead_of_queued_background_ones() {
-        let l = Arc::new(Limiter::new(100, 10));
-        let t0 = tokio::time::Instant::now();
-        let queued: Vec<_> = (0..50)
-            .map(|_| {
-                let l = l.clone();
-                tokio::spawn(async move {
-                    drop(l.acquire(Priority::Background).await);
-                    t0.elapsed()
+        bounded(async {
+            let l = Arc::new(Limiter::new(100, 10));
+            let t0 = tokio::time::Instant::now();
+            let queued: Vec<_> = (0..50)
+                .map(|_| {
+                    let l = l.clone();
+                    tokio::spawn(async move {
+                        drop(l.acquire(Priority::Background).await);
+                        t0.elapsed()
+                    })
                 })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        drop(l.acquire(Priority::Urgent).await);
-        // One start every 100 ms: the urgent caller takes the next one, not the 51st.
-        assert!(
-            t0.elapsed() <= Duration::from_millis(150),
-            "{:?}",
-            t0.elapsed()
-        );
-        let mut last = Duration::ZERO;
-        for q in queued {
-            last = last.max(q.await.unwrap());
-        }
-        // ...and STS still sees the configured rate: 51 starts take 5 s.
-        assert!(last >= Duration::from_millis(4900), "{last:?}");
+                .collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(l.acquire(Priority::Urgent).await);
+            // One start every 100 ms: the urgent caller takes the next one, not the 51st.
+            assert!(
+                t0.elapsed() <= Duration::from_millis(150),
+                "{:?}",
+                t0.elapsed()
+            );
+            let mut last = Duration::ZERO;
+            for q in queued {
+                last = last.max(q.await.unwrap());
+            }
+            // ...and STS still sees the configured rate: 51 starts take 5 s.
+            assert!(last >= Duration::from_millis(4900), "{last:?}");
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_goes_ahead_of_queued_prefetches() {
-        let b = bed_with(SessionScope::Pod, 10);
-        let pods: Vec<_> = (0..40).map(|i| other_pod(&b, i)).collect();
-        let t0 = tokio::time::Instant::now();
-        let prefetches: Vec<_> = pods
-            .iter()
-            .map(|p| {
-                let (c, p, r) = (b.cache.clone(), p.clone(), b.role.clone());
-                tokio::spawn(async move { c.prefetch(&p, &r).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // The last pod in the queue asks: it does not wait four seconds for its turn.
-        let c = b.cache.get(&pods[39], &b.role).await.unwrap();
-        assert!(
-            t0.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            t0.elapsed()
-        );
-        futures::future::join_all(prefetches).await;
-        // Its queued prefetch found the slot filled and cost nothing more.
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 40);
-        assert_eq!(
-            b.cache.get(&pods[39], &b.role).await.unwrap().access_key_id,
-            c.access_key_id
-        );
+        bounded(async {
+            let b = bed_with(SessionScope::Pod, 10);
+            let pods: Vec<_> = (0..40).map(|i| other_pod(&b, i)).collect();
+            let t0 = tokio::time::Instant::now();
+            let prefetches: Vec<_> = pods
+                .iter()
+                .map(|p| {
+                    let (c, p, r) = (b.cache.clone(), p.clone(), b.role.clone());
+                    tokio::spawn(async move { c.prefetch(&p, &r).await })
+                })
+                .collect();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The last pod in the queue asks: it does not wait four seconds for its turn.
+            let c = b.cache.get(&pods[39], &b.role).await.unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "{:?}",
+                t0.elapsed()
+            );
+            futures::future::join_all(prefetches).await;
+            // Its queued prefetch found the slot filled and cost nothing more.
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 40);
+            assert_eq!(
+                b.cache.get(&pods[39], &b.role).await.unwrap().access_key_id,
+                c.access_key_id
+            );
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn service_account_scope_shares_one_session_until_its_last_pod_goes() {
-        let b = bed_with(SessionScope::ServiceAccount, 1000);
-        let second = other_pod(&b, 2);
-        let a = b.cache.get(&b.pod, &b.role).await.unwrap();
-        let c = b.cache.get(&second, &b.role).await.unwrap();
-        assert_eq!(
-            a.access_key_id, c.access_key_id,
-            "one session for both pods"
-        );
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
-        assert_eq!(lock(&b.sts.sessions)[0], "team.sa@n1");
-        b.cache.evict_pod(&b.pod.uid);
-        assert!(
-            b.cache.has_pod(&second.uid),
-            "the other pod keeps the session"
-        );
-        assert_eq!(
-            b.cache.get(&second, &b.role).await.unwrap().access_key_id,
-            a.access_key_id
-        );
-        b.cache.evict_pod(&second.uid);
-        assert!(b.cache.is_empty().await, "gone with the last pod");
-        b.cache.get(&second, &b.role).await.unwrap();
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+        bounded(async {
+            let b = bed_with(SessionScope::ServiceAccount, 1000);
+            let second = other_pod(&b, 2);
+            let a = b.cache.get(&b.pod, &b.role).await.unwrap();
+            let c = b.cache.get(&second, &b.role).await.unwrap();
+            assert_eq!(
+                a.access_key_id, c.access_key_id,
+                "one session for both pods"
+            );
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 1);
+            assert_eq!(lock(&b.sts.sessions)[0], "team.sa@n1");
+            b.cache.evict_pod(&b.pod.uid);
+            assert!(
+                b.cache.has_pod(&second.uid),
+                "the other pod keeps the session"
+            );
+            assert_eq!(
+                b.cache.get(&second, &b.role).await.unwrap().access_key_id,
+                a.access_key_id
+            );
+            b.cache.evict_pod(&second.uid);
+            assert!(b.cache.is_empty().await, "gone with the last pod");
+            b.cache.get(&second, &b.role).await.unwrap();
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
     async fn service_account_scope_renews_with_a_pod_still_there() {
-        let b = bed_with(SessionScope::ServiceAccount, 1000);
-        let second = other_pod(&b, 2);
-        b.cache.get(&b.pod, &b.role).await.unwrap();
-        b.cache.get(&second, &b.role).await.unwrap();
-        b.cache.evict_pod(&second.uid);
-        b.clock.advance(Duration::from_secs(20 * 60));
-        assert_eq!(b.cache.refresh_due().await, 1);
-        assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
-        assert_eq!(
-            lock(&b.sts.tokens)[1],
-            "jwt-for-uid-1",
-            "a token of the pod still there was exchanged"
-        );
+        bounded(async {
+            let b = bed_with(SessionScope::ServiceAccount, 1000);
+            let second = other_pod(&b, 2);
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            b.cache.get(&second, &b.role).await.unwrap();
+            b.cache.evict_pod(&second.uid);
+            b.clock.advance(Duration::from_secs(20 * 60));
+            assert_eq!(b.cache.refresh_due().await, 1);
+            assert_eq!(b.sts.calls.load(Ordering::SeqCst), 2);
+            assert_eq!(
+                lock(&b.sts.tokens)[1],
+                "jwt-for-uid-1",
+                "a token of the pod still there was exchanged"
+            );
+        })
+        .await
     }
 
     #[test]
@@ -1362,5 +1453,439 @@ mod tests {
         assert!(s.first_serve_to("uid-2"), "another pod sharing the set");
         assert!(!s.first_serve_to("uid-2"));
         assert!(!s.first_serve_to("uid-1"));
+    }
+
+    // Tests for the mutants cargo-mutants left alive (docs/mutants.md, "agent/src/identity/cache.rs").
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_points_are_spread_over_the_three_minutes_before_refresh_at() {
+        bounded(async {
+            let b = bed();
+            let pods: Vec<_> = (0..64).map(|i| other_pod(&b, i)).collect();
+            for p in &pods {
+                b.cache.get(p, &b.role).await.unwrap();
+            }
+            // Hour-long sets, all issued now; refresh_at is 45 minutes, less a draw from 3.
+            // 45 min + 1 s left: none is due.
+            b.clock.advance(15 * MINUTE - Duration::from_secs(1));
+            assert_eq!(b.cache.refresh_due().await, 0);
+            // 43.5 min left: the sets whose draw fell in the first half of the spread, and
+            // only those (all 64 or none: no spread; 2^-63 by chance).
+            b.clock.advance(Duration::from_secs(91));
+            let early = b.cache.refresh_due().await;
+            assert!(0 < early && early < 64, "{early} of 64 due halfway");
+            // 42 min - 1 s left: past every refresh point, the rest are due.
+            b.clock.advance(Duration::from_secs(91));
+            assert_eq!(b.cache.refresh_due().await, 64 - early);
+            assert_eq!(calls(&b), 64 + 64);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_set_is_renewed_from_the_instant_it_reaches_its_refresh_point() {
+        bounded(async {
+            let b = bed();
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            let point = b.cache.indexed(&b.pod, &b.role).unwrap().refresh_below();
+            assert!(42 * MINUTE <= point && point <= 45 * MINUTE, "{point:?}");
+            b.clock.advance(60 * MINUTE - point - MS);
+            assert_eq!(b.cache.refresh_due().await, 0);
+            assert_eq!(calls(&b), 1);
+            b.clock.advance(MS);
+            assert_eq!(b.cache.refresh_due().await, 1);
+            assert_eq!(calls(&b), 2, "renewed with exactly its refresh point left");
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_the_refresh_point_is_answered_at_once_and_renews_in_the_background() {
+        bounded(async {
+            let b = bed();
+            let first = b.cache.get(&b.pod, &b.role).await;
+            // 42 min - 1 s left: past every refresh point, far from the 30 minutes served.
+            b.clock.advance(18 * MINUTE + Duration::from_secs(1));
+            let c = b.cache.get(&b.pod, &b.role).await;
+            assert_eq!(key(&c), key(&first), "answered with the set it has");
+            wait_for("a renewal started by the request", MINUTE, || {
+                b.cache
+                    .get_now(&b.pod, &b.role)
+                    .is_some_and(|s| s.creds.access_key_id != key(&first))
+            })
+            .await;
+            assert_eq!(calls(&b), 2);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_refresher_renews_due_sets_until_shut_down() {
+        bounded(async {
+            let b = bed();
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            let stop = tokio_util::sync::CancellationToken::new();
+            let refresher = tokio::spawn(
+                b.cache
+                    .clone()
+                    .refresher(Duration::from_secs(30), stop.clone()),
+            );
+            b.clock.advance(19 * MINUTE);
+            wait_for("the refresher's renewal", MINUTE, || calls(&b) == 2).await;
+            stop.cancel();
+            tokio::time::timeout(Duration::from_secs(1), refresher)
+                .await
+                .expect("the refresher ends at shutdown")
+                .unwrap();
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retryable_error_is_tried_three_times_100_then_200_ms_apart_with_jitter() {
+        bounded(async {
+            let b = bed();
+            b.sts.down.store(true, Ordering::SeqCst);
+            assert!(matches!(
+                b.cache.get(&b.pod, &b.role).await,
+                Err(IdentityError::StsUnavailable { .. })
+            ));
+            assert_eq!(calls(&b), 3, "three attempts, then the error");
+            b.sts.down.store(false, Ordering::SeqCst);
+            // Twice throttled, then credentials, for 40 pods.
+            let (mut first, mut second) = (vec![], vec![]);
+            for i in 0..40 {
+                lock(&b.sts.failures).extend([throttled(), throttled()]);
+                b.cache.get(&other_pod(&b, i), &b.role).await.unwrap();
+                let at = lock(&b.sts.at);
+                let n = at.len();
+                // Each attempt mints a token first: the fake minter takes 20 ms.
+                let mint = 20 * MS;
+                first.push(at[n - 2] - at[n - 3] - mint);
+                second.push(at[n - 1] - at[n - 2] - mint);
+            }
+            assert_eq!(calls(&b), 3 + 40 * 3);
+            // 100 ms, then 200 ms, each ±50% (and up to a millisecond of timer rounding per sleep).
+            for (one, two) in first.iter().zip(&second) {
+                assert!(
+                    50 * MS <= *one && *one <= 152 * MS,
+                    "first retry after {one:?}"
+                );
+                assert!(
+                    100 * MS <= *two && *two <= 302 * MS,
+                    "second retry after {two:?}"
+                );
+            }
+            // Jittered: 40 waits are not all alike.
+            let (lo, hi) = (first.iter().min().unwrap(), first.iter().max().unwrap());
+            assert!(
+                *hi - *lo > 20 * MS,
+                "first retries all within {lo:?}..{hi:?}"
+            );
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_renewals_back_off_from_5_s_doubling_to_5_min_with_jitter() {
+        bounded(async {
+            let b = bed();
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            let slot = b.cache.indexed(&b.pod, &b.role).unwrap();
+            b.sts.down.store(true, Ordering::SeqCst);
+            // Past every refresh point.
+            b.clock.advance(19 * MINUTE);
+            let mut expected_calls = 1;
+            for (n, base_secs) in [5u64, 10, 20, 40, 80, 160, 300, 300]
+                .into_iter()
+                .enumerate()
+            {
+                assert_eq!(b.cache.refresh_due().await, 1);
+                expected_calls += 3; // one renewal, three attempts
+                assert_eq!(calls(&b), expected_calls, "renewal {n} is tried");
+                let next =
+                    lock(&slot.next_refresh_try).expect("a failed renewal sets its next try");
+                let wait = next
+                    .duration_since(b.clock.now())
+                    .expect("the next try is ahead");
+                let base = Duration::from_secs(base_secs);
+                assert!(
+                    base / 2 <= wait && wait <= base * 3 / 2,
+                    "after failure {n}: next try in {wait:?}"
+                );
+                // Not tried again before then (the set is due all along)...
+                b.clock.advance(wait - MS);
+                assert_eq!(b.cache.refresh_due().await, 1);
+                assert_eq!(calls(&b), expected_calls, "after failure {n}: backing off");
+                // ...and tried at that instant (the next round).
+                b.clock.advance(MS);
+            }
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_is_not_due_takes_no_start_from_the_rate_limit() {
+        bounded(async {
+            // One start a second; 20-minute sessions are past the refresh point at once but
+            // too young to renew.
+            let b = bed_with(SessionScope::Pod, 1);
+            *lock(&b.sts.lifetime) = 20 * MINUTE;
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            // The limiter's next start is free from now on.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(b.cache.refresh_due().await, 1);
+            assert_eq!(calls(&b), 1);
+            let t0 = tokio::time::Instant::now();
+            b.cache.get(&other_pod(&b, 1), &b.role).await.unwrap();
+            assert!(
+                t0.elapsed() < Duration::from_millis(500),
+                "a request waited {:?} for a start the renewal took",
+                t0.elapsed()
+            );
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_remembered_for_exactly_the_negative_ttl() {
+        bounded(async {
+            let b = bed();
+            lock(&b.sts.failures).push(refusal());
+            let until = b.clock.now() + Duration::from_secs(30);
+            assert!(matches!(
+                b.cache.get(&b.pod, &b.role).await,
+                Err(IdentityError::StsRejected { .. })
+            ));
+            let view = b.cache.describe(&b.pod, &b.role.role_arn);
+            assert_eq!(view.refused_until.map(|(_, t)| t), Some(until));
+            b.clock.advance(Duration::from_secs(30) - MS);
+            assert!(matches!(
+                b.cache.get(&b.pod, &b.role).await,
+                Err(IdentityError::StsRejected { .. })
+            ));
+            assert_eq!(calls(&b), 1, "remembered, not asked again");
+            assert!(
+                b.cache
+                    .describe(&b.pod, &b.role.role_arn)
+                    .refused_until
+                    .is_some()
+            );
+            b.clock.advance(MS);
+            let view = b.cache.describe(&b.pod, &b.role.role_arn);
+            assert_eq!(view.refused_until, None, "over at the instant it ends");
+            assert!(view.last_error.is_some(), "the error itself is still shown");
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_eq!(calls(&b), 2);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prefetch_does_not_ask_again_while_a_refusal_is_remembered() {
+        bounded(async {
+            let b = bed();
+            lock(&b.sts.failures).push(refusal());
+            assert!(b.cache.get(&b.pod, &b.role).await.is_err());
+            b.clock.advance(Duration::from_secs(30) - MS);
+            b.cache.prefetch(&b.pod, &b.role).await;
+            assert_eq!(calls(&b), 1);
+            b.clock.advance(MS);
+            b.cache.prefetch(&b.pod, &b.role).await;
+            assert_eq!(calls(&b), 2, "asked again once the refusal is over");
+            assert!(b.cache.get_now(&b.pod, &b.role).is_some());
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_sts_is_down_a_set_is_served_until_a_minute_before_it_expires() {
+        bounded(async {
+            let b = bed();
+            let first = b.cache.get(&b.pod, &b.role).await;
+            b.sts.down.store(true, Ordering::SeqCst);
+            b.clock.advance(59 * MINUTE - MS);
+            let c = b.cache.get(&b.pod, &b.role).await;
+            assert_eq!(key(&c), key(&first), "60.001 s left: served");
+            b.clock.advance(MS);
+            assert!(
+                b.cache.get(&b.pod, &b.role).await.is_err(),
+                "60 s left: not served"
+            );
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_session_is_served_while_young_and_more_than_a_minute_from_expiry() {
+        bounded(async {
+            // 20-minute sessions: served as they are for five minutes, then fetched anew.
+            let b = bed();
+            *lock(&b.sts.lifetime) = 20 * MINUTE;
+            let first = b.cache.get(&b.pod, &b.role).await;
+            b.clock.advance(5 * MINUTE - MS);
+            assert_eq!(key(&b.cache.get(&b.pod, &b.role).await), key(&first));
+            assert_eq!(calls(&b), 1);
+            b.clock.advance(MS);
+            assert_ne!(key(&b.cache.get(&b.pod, &b.role).await), key(&first));
+            assert_eq!(calls(&b), 2);
+            // 2-minute sessions: young all their life, but not served with a minute left.
+            let b = bed();
+            *lock(&b.sts.lifetime) = 2 * MINUTE;
+            let first = b.cache.get(&b.pod, &b.role).await;
+            b.clock.advance(MINUTE - MS);
+            assert_eq!(key(&b.cache.get(&b.pod, &b.role).await), key(&first));
+            b.clock.advance(MS);
+            assert_ne!(key(&b.cache.get(&b.pod, &b.role).await), key(&first));
+            assert_eq!(calls(&b), 2);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_session_is_renewed_in_the_background_once_its_grace_has_passed() {
+        bounded(async {
+            let b = bed();
+            *lock(&b.sts.lifetime) = 20 * MINUTE;
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            b.clock.advance(5 * MINUTE - MS);
+            assert_eq!(b.cache.refresh_due().await, 1);
+            assert_eq!(calls(&b), 1, "too young to renew");
+            b.clock.advance(MS);
+            assert_eq!(b.cache.refresh_due().await, 1);
+            assert_eq!(calls(&b), 2, "renewed once five minutes old");
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cached_set_is_served_without_waiting_and_each_role_has_its_own() {
+        bounded(async {
+            let b = bed();
+            assert!(b.cache.get_now(&b.pod, &b.role).is_none(), "nothing yet");
+            let a = b.cache.get(&b.pod, &b.role).await;
+            let now = b
+                .cache
+                .get_now(&b.pod, &b.role)
+                .expect("served from the cache");
+            assert_eq!(now.creds.access_key_id, key(&a));
+            // The same pod in another role (its annotation changed): another session.
+            let other = Arc::new(RoleSpec {
+                role_arn: "arn:aws:iam::123456789012:role/other".into(),
+                ..(*b.role).clone()
+            });
+            assert!(b.cache.get_now(&b.pod, &other).is_none());
+            let o = b.cache.get(&b.pod, &other).await;
+            assert_ne!(key(&o), key(&a));
+            assert_eq!(calls(&b), 2);
+            let now = b.cache.get_now(&b.pod, &other).unwrap();
+            assert_eq!(now.creds.access_key_id, key(&o));
+            let now = b.cache.get_now(&b.pod, &b.role).unwrap();
+            assert_eq!(now.creds.access_key_id, key(&a));
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn evicting_a_pod_leaves_the_other_pods_sets_where_requests_find_them() {
+        bounded(async {
+            let b = bed();
+            let second = other_pod(&b, 2);
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            b.cache.get(&second, &b.role).await.unwrap();
+            b.cache.evict_pod(&b.pod.uid);
+            assert!(b.cache.get_now(&second, &b.role).is_some());
+            assert!(b.cache.describe(&second, &b.role.role_arn).cached);
+            assert!(b.cache.get_now(&b.pod, &b.role).is_none());
+            assert!(!b.cache.describe(&b.pod, &b.role.role_arn).cached);
+            assert_eq!(calls(&b), 2);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_racing_its_pods_eviction_does_not_bring_the_session_back() {
+        bounded(async {
+            let b = bed();
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            // A request found the slot in the index; the pod is evicted before the request
+            // records it as a member (`slot` and `get_now` do that after the lookup).
+            let slot = b.cache.indexed(&b.pod, &b.role).unwrap();
+            b.cache.evict_pod(&b.pod.uid);
+            b.cache.join(&slot, &b.pod);
+            // In pod scope a slot's only member is its pod: once gone, it stays gone, so the
+            // cache's invalidation (a predicate on empty members) still drops the slot.
+            assert!(slot.members.load().is_empty());
+            assert!(!b.cache.has_pod(&b.pod.uid));
+            assert!(b.cache.is_empty().await);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stats_count_the_unexpired_sets_and_the_least_time_left() {
+        bounded(async {
+            let b = bed();
+            assert_eq!(b.cache.stats(), (0, Duration::ZERO));
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            b.clock.advance(10 * MINUTE);
+            b.cache.get(&other_pod(&b, 2), &b.role).await.unwrap();
+            assert_eq!(b.cache.stats(), (2, 50 * MINUTE));
+            // The first set expires; the second has 9 minutes left.
+            b.clock.advance(51 * MINUTE);
+            assert_eq!(b.cache.stats(), (1, 9 * MINUTE));
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn len_and_has_pod_count_what_the_cache_holds() {
+        bounded(async {
+            let b = bed();
+            let second = other_pod(&b, 2);
+            assert!(b.cache.is_empty().await);
+            b.cache.get(&b.pod, &b.role).await.unwrap();
+            assert_eq!(b.cache.len().await, 1);
+            assert!(!b.cache.is_empty().await);
+            assert!(b.cache.has_pod(&b.pod.uid));
+            assert!(
+                !b.cache.has_pod(&second.uid),
+                "another pod's set is not its"
+            );
+            // A refused pod has a slot but no credentials.
+            lock(&b.sts.failures).push(refusal());
+            assert!(b.cache.get(&second, &b.role).await.is_err());
+            assert_eq!(b.cache.len().await, 2);
+            assert!(!b.cache.has_pod(&second.uid), "refused: nothing cached");
+            b.cache.evict_pod(&b.pod.uid);
+            b.cache.evict_pod(&second.uid);
+            assert_eq!(b.cache.len().await, 0);
+            assert!(b.cache.is_empty().await);
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_urgent_caller_that_gives_up_does_not_hold_back_background_work() {
+        bounded(async {
+            let l = Limiter::new(100, 1);
+            drop(l.acquire(Priority::Urgent).await);
+            // The next start is a second away: this request goes away while it waits.
+            let gave_up =
+                tokio::time::timeout(Duration::from_millis(100), l.acquire(Priority::Urgent)).await;
+            assert!(gave_up.is_err(), "it was still waiting");
+            let t0 = tokio::time::Instant::now();
+            let background =
+                tokio::time::timeout(Duration::from_secs(10), l.acquire(Priority::Background))
+                    .await;
+            assert!(background.is_ok(), "background work waits for nobody now");
+            // It takes the next start (a second after the last), not a later one.
+            assert!(
+                t0.elapsed() < Duration::from_millis(1200),
+                "{:?}",
+                t0.elapsed()
+            );
+        })
+        .await
     }
 }
