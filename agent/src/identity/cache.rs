@@ -1230,47 +1230,50 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_remembered_slot_answers_as_get_now_until_the_index_changes() {
-        let b = bed_with(SessionScope::ServiceAccount, 1000);
-        assert!(
-            b.cache.get_now_ref(&b.pod, &b.role).is_none(),
-            "nothing yet"
-        );
-        let first = b.cache.get(&b.pod, &b.role).await.unwrap();
-        let (served, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
-        assert_eq!(served.creds.access_key_id, first.access_key_id);
-        assert!(b.cache.still_indexed(&at));
-        // A renewal is the slot's: served from the remembered slot at once.
-        b.clock.advance(Duration::from_secs(20 * 60));
-        assert_eq!(b.cache.refresh_due().await, 1);
-        let renewed = b.cache.servable_at(&at).unwrap();
-        assert_ne!(renewed.creds.access_key_id, first.access_key_id);
-        assert_eq!(
-            renewed.creds.access_key_id,
-            b.cache
-                .get_now(&b.pod, &b.role)
-                .unwrap()
-                .creds
-                .access_key_id
-        );
-        assert!(b.cache.still_indexed(&at));
-        // Another pod joining the session changes no slot; one leaving it does.
-        let second = other_pod(&b, 2);
-        b.cache.get(&second, &b.role).await.unwrap();
-        assert!(b.cache.still_indexed(&at));
-        b.cache.evict_pod(&second.uid);
-        assert!(!b.cache.still_indexed(&at), "a pod left");
-        // A new slot, then the pod's own eviction.
-        let (_, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
-        let other_role = Arc::new(RoleSpec {
-            role_arn: "arn:aws:iam::123456789012:role/other".into(),
-            ..(*b.role).clone()
-        });
-        b.cache.get(&b.pod, &other_role).await.unwrap();
-        assert!(!b.cache.still_indexed(&at), "a slot was made");
-        let (_, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
-        b.cache.evict_pod(&b.pod.uid);
-        assert!(!b.cache.still_indexed(&at), "its pod went");
-        assert!(b.cache.get_now_ref(&b.pod, &b.role).is_none());
+        bounded(async {
+            let b = bed_with(SessionScope::ServiceAccount, 1000);
+            assert!(
+                b.cache.get_now_ref(&b.pod, &b.role).is_none(),
+                "nothing yet"
+            );
+            let first = b.cache.get(&b.pod, &b.role).await.unwrap();
+            let (served, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
+            assert_eq!(served.creds.access_key_id, first.access_key_id);
+            assert!(b.cache.still_indexed(&at));
+            // A renewal is the slot's: served from the remembered slot at once.
+            b.clock.advance(Duration::from_secs(20 * 60));
+            assert_eq!(b.cache.refresh_due().await, 1);
+            let renewed = b.cache.servable_at(&at).unwrap();
+            assert_ne!(renewed.creds.access_key_id, first.access_key_id);
+            assert_eq!(
+                renewed.creds.access_key_id,
+                b.cache
+                    .get_now(&b.pod, &b.role)
+                    .unwrap()
+                    .creds
+                    .access_key_id
+            );
+            assert!(b.cache.still_indexed(&at));
+            // Another pod joining the session changes no slot; one leaving it does.
+            let second = other_pod(&b, 2);
+            b.cache.get(&second, &b.role).await.unwrap();
+            assert!(b.cache.still_indexed(&at));
+            b.cache.evict_pod(&second.uid);
+            assert!(!b.cache.still_indexed(&at), "a pod left");
+            // A new slot, then the pod's own eviction.
+            let (_, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
+            let other_role = Arc::new(RoleSpec {
+                role_arn: "arn:aws:iam::123456789012:role/other".into(),
+                ..(*b.role).clone()
+            });
+            b.cache.get(&b.pod, &other_role).await.unwrap();
+            assert!(!b.cache.still_indexed(&at), "a slot was made");
+            let (_, at) = b.cache.get_now_ref(&b.pod, &b.role).unwrap();
+            b.cache.evict_pod(&b.pod.uid);
+            assert!(!b.cache.still_indexed(&at), "its pod went");
+            assert!(b.cache.get_now_ref(&b.pod, &b.role).is_none());
+        })
+        .await
     }
 
     #[tokio::test(start_paused = true)]
