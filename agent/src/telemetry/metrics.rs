@@ -99,44 +99,57 @@ fn position(list: &[&str], s: &str) -> Option<usize> {
     list.iter().position(|x| *x == s)
 }
 
-/// A latency histogram whose observations are relaxed atomic adds: requests of different pods
-/// never wait for one another to record their time (prometheus-client's own takes a mutex).
+/// A latency histogram whose observations are relaxed atomic updates: requests of different
+/// pods never wait for one another to record their time (prometheus-client's own `Histogram`
+/// takes a mutex on every `observe`). It exports exactly what that one would for the same
+/// observations: the same buckets (finite bounds, then +Inf), and the sum kept as an `f64`
+/// (its bits in an `AtomicU64`, added with a compare-exchange loop), so the text is the same
+/// byte for byte (the unit tests compare the two).
 #[derive(Debug, Clone)]
 pub(crate) struct LatencyHistogram(std::sync::Arc<HistogramInner>);
 
 #[derive(Debug)]
 struct HistogramInner {
+    /// The finite upper bounds, ascending; +Inf is implicit (the last count).
     bounds: Vec<f64>,
     /// One per bound, then +Inf.
     counts: Vec<AtomicU64>,
     count: AtomicU64,
-    sum_nanos: AtomicU64,
+    /// `f64::to_bits` of the sum of every observed value.
+    sum_bits: AtomicU64,
 }
 
 impl LatencyHistogram {
     fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
-        let bounds: Vec<f64> = bounds.into_iter().collect();
+        let bounds: Vec<f64> = bounds.into_iter().filter(|b| b.is_finite()).collect();
         let counts = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
         LatencyHistogram(std::sync::Arc::new(HistogramInner {
             bounds,
             counts,
             count: AtomicU64::new(0),
-            sum_nanos: AtomicU64::new(0),
+            sum_bits: AtomicU64::new(0.0_f64.to_bits()),
         }))
     }
 
     pub(crate) fn observe(&self, seconds: f64) {
         let h = &self.0;
+        // The first bound at or above the value; NaN and values above every bound go to +Inf.
         let i = h
             .bounds
             .iter()
             .position(|b| seconds <= *b)
             .unwrap_or(h.bounds.len());
-        h.counts[i].fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = h.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
         h.count.fetch_add(1, Ordering::Relaxed);
-        // Saturating float-to-int cast: a negative or NaN value adds nothing.
-        h.sum_nanos
-            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+        // Lock-free: a writer that loses the race retries with the sum the winner stored.
+        // The closure always returns `Some`, so this never fails; the result is ignored.
+        let _ = h
+            .sum_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + seconds).to_bits())
+            });
     }
 }
 
@@ -155,7 +168,7 @@ impl EncodeMetric for LatencyHistogram {
             .zip(h.counts.iter().map(|c| c.load(Ordering::Relaxed)))
             .collect();
         encoder.encode_histogram::<NoLabelSet>(
-            h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            f64::from_bits(h.sum_bits.load(Ordering::Relaxed)),
             h.count.load(Ordering::Relaxed),
             &buckets,
             None,
@@ -581,5 +594,115 @@ mod tests {
             "{text}"
         );
         assert_eq!(m.sts_calls("sts_rejected"), 1);
+    }
+
+    use prometheus_client::metrics::histogram::Histogram;
+
+    /// The request histograms' buckets, as in `Metrics::new`.
+    fn request_buckets() -> impl Iterator<Item = f64> {
+        exponential_buckets(0.0005, 2.5, 12)
+    }
+
+    /// Ours and prometheus-client's (same buckets), each in a family under one route label as the
+    /// agent exports them, fed the same values: the text is the same byte for byte. (One series
+    /// per family: a family's series come out in its hash map's order, which differs between two.)
+    fn assert_same_exposition(values: &[f64]) {
+        let ours = Family::<Label1, LatencyHistogram>::new_with_constructor(|| {
+            LatencyHistogram::new(request_buckets())
+        });
+        let theirs =
+            Family::<Label1, Histogram>::new_with_constructor(|| Histogram::new(request_buckets()));
+        let label = [("route", "credentials")];
+        // Created even with no values: an empty histogram exports its zeros.
+        let (a, b) = (ours.get_or_create(&label), theirs.get_or_create(&label));
+        for v in values {
+            a.observe(*v);
+            b.observe(*v);
+        }
+        drop((a, b));
+        let ours = text(ours);
+        assert!(
+            ours.contains("h_seconds_bucket{le=\"0.0005\",route=\"credentials\"}"),
+            "{ours}"
+        );
+        assert_eq!(ours, text(theirs));
+    }
+
+    fn text(m: impl prometheus_client::registry::Metric) -> String {
+        let mut r = Registry::default();
+        r.register("h_seconds", "latency", m);
+        let mut out = String::new();
+        encode(&mut out, &r).unwrap();
+        out
+    }
+
+    #[test]
+    fn lock_free_histogram_exports_what_prometheus_clients_does() {
+        // Every bound exactly (le is inclusive), just above each, below the first, above the
+        // last, zero, sums inexact in binary (0.1 + 0.2), a sub-nanosecond value.
+        let mut values: Vec<f64> = request_buckets().flat_map(|b| [b, b * 1.000_001]).collect();
+        values.extend([
+            0.0,
+            0.1,
+            0.2,
+            0.3,
+            1e-10,
+            3e-4,
+            42.0,
+            1e9,
+            0.000_123_456_789,
+        ]);
+        values.extend((1..200).map(|i| f64::from(i) / 7_000.0));
+        assert_same_exposition(&values);
+        // NaN and negative values as prometheus-client takes them (NaN counted in +Inf).
+        assert_same_exposition(&[-1.5, 0.002, 0.25]);
+        assert_same_exposition(&[0.002, f64::NAN, 0.25]);
+        // Nothing observed: the same zeros.
+        assert_same_exposition(&[]);
+    }
+
+    #[test]
+    fn lock_free_histogram_counts_exactly_under_concurrent_observers() {
+        const THREADS: usize = 4;
+        const EACH: usize = 20_000;
+        // Sums of these are exact in f64 in any order, so the totals are known exactly.
+        const VALUES: [f64; 5] = [0.0, 0.25, 1.0, 8.0, 100.0];
+        let h = LatencyHistogram::new(request_buckets());
+        let start = std::sync::Barrier::new(THREADS);
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (h, start) = (h.clone(), &start);
+                s.spawn(move || {
+                    start.wait();
+                    for i in 0..EACH {
+                        h.observe(VALUES[(i + t) % VALUES.len()]);
+                    }
+                });
+            }
+        });
+        let total = (THREADS * EACH) as u64;
+        let per_value = total / VALUES.len() as u64;
+        assert_eq!(h.0.count.load(Ordering::Relaxed), total);
+        let sum = f64::from_bits(h.0.sum_bits.load(Ordering::Relaxed));
+        assert_eq!(sum, per_value as f64 * VALUES.iter().sum::<f64>());
+        let counts: Vec<u64> =
+            h.0.counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect();
+        // 0 -> le 0.0005, 0.25 -> le 0.305..., 1 -> le 1.907..., 8 -> le 11.92..., 100 -> +Inf.
+        let mut expected = vec![0; 13];
+        for i in [0, 7, 9, 11, 12] {
+            expected[i] = per_value;
+        }
+        assert_eq!(counts, expected);
+        // And the same text as prometheus-client's, fed the same values one by one.
+        let theirs = Histogram::new(request_buckets());
+        for _ in 0..per_value {
+            for v in VALUES {
+                theirs.observe(v);
+            }
+        }
+        assert_eq!(text(h.clone()), text(theirs));
     }
 }
